@@ -1,0 +1,316 @@
+"""The run configuration: one typed schema, the ONLY home of defaults.
+
+A run file is YAML; `key=value` overrides use dotted paths (`train.lr=1e-4 lora.r=8`). Every field's docstring-like
+`help` is also what `tuneforge train --help-config` prints. Validation errors are one line naming the key, the value
+and what is allowed (see `ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from tuneforge.errors import ConfigError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+def _f(default: Any, help: str, *, min: float | None = None, max: float | None = None, min_exclusive: bool = False):
+    """A schema field: default, help text and an optional numeric range (checked by `_check_value`)."""
+    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(16, "LoRA rank: size of the low-rank update.", min=1)
+    alpha: float = _f(32.0, "LoRA scaling numerator; the update is scaled by alpha / r.", min=0, min_exclusive=True)
+    dropout: float = _f(0.05, "Dropout on the LoRA input during training.", min=0, max=0.99)
+    target_modules: Union[str, list[str]] = _f(
+        "all-linear", "Modules that get LoRA: 'all-linear' or a list of module names such as [q_proj, v_proj]."
+    )
+
+
+@dataclass
+class DataSettings:
+    train: Union[str, None] = _f(None, "Training data: a JSONL/JSON/CSV/Parquet file or a saved `datasets` directory.")
+    val: Union[str, None] = _f(None, "Validation data (same formats). When absent, `val_split` carves it from train.")
+    val_split: float = _f(0.0, "Fraction of train held out for validation when `val` is not given.", min=0, max=0.5)
+    format: Literal["auto", "instruction", "chat", "sharegpt", "completion"] = _f(
+        "auto", "Row format; 'auto' detects it per file."
+    )
+    max_length: int = _f(1024, "Longest example in tokens; longer ones follow `overlong`.", min=16)
+    overlong: Literal["truncate", "drop"] = _f(
+        "truncate", "Over-long rows: 'truncate' shortens the prompt side (never the answer); 'drop' skips them."
+    )
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: answer tokens only).")
+    packing: bool = _f(True, "Concatenate examples into one padding-free row; attention never crosses examples.")
+    system_prompt: Union[str, None] = _f(None, "System message added to rows that have none (default: the template's).")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).", min=1)
+    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 means run `epochs` epochs.", min=0)
+    lr: float = _f(2e-4, "Peak learning rate.", min=0, min_exclusive=True)
+    batch_size: int = _f(8, "Examples per micro-batch.", min=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", min=1)
+    warmup_ratio: float = _f(0.03, "Fraction of all steps spent warming the learning rate up from 0.", min=0, max=1)
+    scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norms).", min=0)
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
+    seed: int = _f(42, "Seed for data order, splits, dropout and initialisation.")
+    eval_every: int = _f(0, "Validation loss every N optimizer steps (and always at the end); 0 = only at the end.", min=0)
+    save_every: int = _f(0, "Save a checkpoint every N optimizer steps; 0 = only the final output.", min=0)
+    early_stopping_patience: int = _f(
+        0, "Stop after this many validations without a new best val loss, keeping the best weights; 0 = off.", min=0
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).")
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "Compute precision; 'auto' = bf16 autocast where the hardware has native bf16, else fp32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; 'auto' picks CUDA when present.")
+    log_every: int = _f(1, "Write a metrics line every N optimizer steps.", min=1)
+
+
+@dataclass
+class RunConfig:
+    model: str = _f(EMBEDDED_MODEL, "Base model: an alias, a hub id, a local HF model directory or a .gguf file.")
+    method: Literal["full", "lora"] = _f("lora", "How to fine-tune: all weights ('full') or LoRA adapters.")
+    output_dir: str = _f("runs/run", "Run directory: metrics, resolved config and the trained weights.")
+    trust_remote_code: bool = _f(False, "Allow model repositories to run their own Python code. Off for safety.")
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> nested dict -> typed, validated RunConfig.
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run file (optional) and apply `key=value` overrides; raise `ConfigError` on the first problem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, raw, prefix="")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a run file must be a YAML mapping of keys to values, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        # YAML parsing gives numbers, booleans, null and [lists] their natural types.
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str):
+    section = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {_show(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + str(key), str(key), list(fields)))
+    kwargs = {}
+    for name, fld in fields.items():
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], prefix + name + ".")
+        else:
+            kwargs[name] = _check_value(prefix + name, raw[name], hint, fld.metadata)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(full_key: str, key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{full_key}: unknown key (allowed: {', '.join(allowed)}){hint}"
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
+    checked = _check_type(key, value, hint)
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(checked, (int, float)) and not isinstance(checked, bool):
+        if lo is not None and (checked <= lo if meta.get("min_exclusive") else checked < lo):
+            bound = f"> {lo}" if meta.get("min_exclusive") else f">= {lo}"
+            rng = f"{bound}" + (f" and <= {hi}" if hi is not None else "")
+            raise ConfigError(f"{key}: got {checked!r}, must be {rng}")
+        if hi is not None and checked > hi:
+            raise ConfigError(f"{key}: got {checked!r}, must be <= {hi}" + (f" and >= {lo}" if lo is not None else ""))
+    return checked
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: got {value!r}, allowed: {', '.join(map(str, allowed))}")
+        return value
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as exc:
+                errors.append(exc)
+        wanted = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{key}: got {_show(value)}, expected {wanted}")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: got {_show(value)}, expected a list of {_type_name(item_type)}")
+        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: got {_show(value)}, expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: got {_show(value)}, expected an integer")
+        return value
+    if hint is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept any text that is a plain number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: got {_show(value)}, expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key}: got {_show(value)}, expected non-empty text")
+        return value
+    raise TypeError(f"schema type {hint!r} of {key} is not supported")  # a bug in the schema, not user input
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return {str: "text", int: "an integer", float: "a number", bool: "true/false", type(None): "null"}.get(
+        hint, str(hint)
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks that need more than the schema: files on disk, combinations.
+
+
+def validate_for_training(cfg: RunConfig) -> None:
+    """Checks a `train` run needs beyond types: data files exist, options fit together."""
+    if cfg.data.train is None:
+        raise ConfigError("data.train: missing; set it to a data file, e.g. data.train=examples/demo/train.jsonl")
+    _check_data_path("data.train", cfg.data.train)
+    if cfg.data.val is not None:
+        _check_data_path("data.val", cfg.data.val)
+        if cfg.data.val_split > 0:
+            raise ConfigError(f"data.val_split: got {cfg.data.val_split}, must be 0 when data.val is given")
+    if cfg.train.early_stopping_patience > 0 and cfg.data.val is None and cfg.data.val_split == 0:
+        raise ConfigError(
+            f"train.early_stopping_patience: got {cfg.train.early_stopping_patience}, needs validation data "
+            "(set data.val or data.val_split)"
+        )
+
+
+def _check_data_path(key: str, value: str) -> None:
+    if value.startswith("hf:"):
+        return  # a hub dataset name, resolved (online) by the data loader
+    if not Path(value).exists():
+        raise ConfigError(f"{key}: file not found: {value} (relative paths are from {os.getcwd()})")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def describe_schema() -> str:
+    """Every key with its default and help, for `tuneforge train --help-config`."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for fld in dataclasses.fields(cls):
+            hint = hints[fld.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, prefix + fld.name + ".")
+                continue
+            default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+            lines.append(f"{prefix}{fld.name} = {default!r}\n    {fld.metadata.get('help', '')}")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""From the `data:` section of a run to tokenized train and validation sets, with a report of what was kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tuneforge.config import DataSettings
+from tuneforge.data.formats import Example, load_examples
+from tuneforge.data.tokenize import TokenizedExample, TokenizeReport, ensure_chat_template, tokenize_all
+from tuneforge.errors import DataError
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedExample]
+    val: list[TokenizedExample]
+    train_report: TokenizeReport
+    val_report: TokenizeReport | None
+
+    def summary(self) -> str:
+        line = f"train: {self.train_report.summary()}"
+        if self.val_report is not None:
+            line += f"; val: {self.val_report.summary()}"
+        return line
+
+
+def read_raw(data: DataSettings, seed: int) -> tuple[list[Example], list[Example]]:
+    """Rows of train and validation data (validated, not tokenized): fast, so bad data fails before model loading."""
+    train = load_examples(data.train, data.format, data.system_prompt)
+    val: list[Example] = []
+    if data.val is not None:
+        val = load_examples(data.val, data.format, data.system_prompt)
+    elif data.val_split > 0:
+        train, val = split_examples(train, data.val_split, seed)
+    return train, val
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    n_val = max(1, round(len(examples) * fraction))
+    if n_val >= len(examples):
+        raise DataError(f"data.val_split={fraction} leaves no training examples out of {len(examples)}")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    val_idx = set(order[:n_val].tolist())
+    train = [ex for i, ex in enumerate(examples) if i not in val_idx]
+    val = [ex for i, ex in enumerate(examples) if i in val_idx]
+    return train, val
+
+
+def tokenize_data(
+    data: DataSettings, tokenizer, train_rows: list[Example], val_rows: list[Example]
+) -> PreparedData:
+    ensure_chat_template(tokenizer)
+    train, train_report = tokenize_all(tokenizer, train_rows, data.max_length, data.overlong, data.train_on_prompt)
+    if not train:
+        raise DataError(f"{data.train}: no usable training examples after tokenization ({train_report.summary()})")
+    val, val_report = [], None
+    if val_rows:
+        # Validation always measures the answer tokens: it is the quantity users compare across runs.
+        val, val_report = tokenize_all(tokenizer, val_rows, data.max_length, data.overlong, False)
+    return PreparedData(train, val, train_report, val_report)

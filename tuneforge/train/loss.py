@@ -1,0 +1,65 @@
+"""The loss: cross-entropy on answer tokens only, without ever building the [tokens, vocab] logits tensor.
+
+The model body gives hidden states for every position; only positions whose next token is a target matter. We gather
+those rows, then run the output projection and cross-entropy in chunks. The gradient of a summed cross-entropy with
+respect to the logits is `softmax - onehot`, which we compute in the same pass as the loss, so backward needs no
+second projection and no stored logits: per chunk, one matmul for logits and one (two when the head itself trains)
+for the gradients. Peak extra memory is one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logits per chunk: ~64 MB of fp32 whatever the vocabulary size.
+CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows]
+            t = targets[start : start + chunk_rows]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_hidden_grad or need_weight_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum CE)/d(logits)
+                probs = probs.to(h.dtype)
+                if need_hidden_grad:
+                    grad_hidden[start : start + chunk_rows] = probs @ weight
+                if need_weight_grad:
+                    grad_weight += (probs.t() @ h).float()
+        # Intermediate results, not inputs: kept on ctx (no double backward through this function).
+        ctx.grad_hidden, ctx.grad_weight, ctx.weight_dtype = grad_hidden, grad_weight, weight.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
+        dw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        return dh, dw, None, None
+
+
+def answer_token_loss_sum(
+    hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Sum of cross-entropy over `targets` given the matching rows of `hidden` ([N, d]) and head weight [V, d]."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph connected for an empty micro-batch
+    if chunk_rows is None:
+        chunk_rows = max(16, CHUNK_ELEMENTS // head_weight.shape[0])
+    return _ChunkedLinearCrossEntropy.apply(hidden, head_weight, targets, chunk_rows)
+
+
+def naive_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Reference implementation (full logits); used by tests to check the chunked one."""
+    logits = (hidden @ head_weight.t()).float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")

@@ -1,0 +1,79 @@
+"""What a run shows and keeps: a live progress bar, metrics as JSON lines, and a loss-curve PNG at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, show_progress: bool = True):
+        self.path = run_dir / METRICS_FILE
+        self.run_dir = run_dir
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            disable=not show_progress,
+            dynamic_ncols=True,
+        )
+        self.started = time.perf_counter()
+
+    def log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def step(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        self.bar.update(1)
+
+    def message(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """Train and validation loss against the optimizer step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / PLOT_FILE
+    fig.savefig(out)
+    plt.close(fig)
+    return out
