@@ -41,6 +41,7 @@ class TrainResult:
     val_loss: float | None
     best_val_loss: float | None
     stopped_early: bool
+    model: torch.nn.Module  # the trained model in memory (what was saved)
 
 
 def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
@@ -90,15 +91,7 @@ def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
             lr = lr_at(step, total_steps, t)
             set_lr(optimizer, lr)
             batches = [collate([data.train[i] for i in mb], cfg.data.packing, pad_id) for mb in micro_batches]
-            step_targets = sum(b.num_targets for b in batches)
-            step_loss = 0.0
-            for batch in batches:
-                with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    # Divide by the whole step's target count: the step's loss is a mean over its answer tokens.
-                    loss = batch_loss_sum(model, batch.to(device)) / step_targets
-                loss.backward()
-                step_loss += loss.item()
+            step_loss, step_targets = accumulate_gradients(model, batches, device, autocast_dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -139,10 +132,25 @@ def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
     meta = {"base_model": cfg.model, "method": cfg.method, "tuneforge_version": __version__, "steps": step,
             "val_loss": val_loss, "train_loss": last_loss}
     save_output(model, tokenizer, run_dir, meta)
-    tracker.log({"event": "end", "step": step, "val_loss": val_loss, "stopped_early": stopped_early})
+    tracker.log({"event": "end", "step": step, "final_val_loss": val_loss, "stopped_early": stopped_early})
     plot_losses(run_dir)
     log.info("saved %s output to %s", cfg.method, run_dir)
-    return TrainResult(run_dir, step, last_loss, val_loss, None if best_val == math.inf else best_val, stopped_early)
+    best = None if best_val == math.inf else best_val
+    return TrainResult(run_dir, step, last_loss, val_loss, best, stopped_early, model.eval())
+
+
+def accumulate_gradients(model, batches, device: str, autocast_dtype) -> tuple[float, int]:
+    """Backward over a step's micro-batches; returns (the step's answer-token mean loss, its target count)."""
+    step_targets = sum(b.num_targets for b in batches)
+    step_loss = 0.0
+    for batch in batches:
+        with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            # Divide by the whole step's target count, not the micro-batch's: the step's loss is a mean over all its
+            # answer tokens, so splitting a step into more micro-batches cannot change the gradient.
+            loss = batch_loss_sum(model, batch.to(device)) / step_targets
+        loss.backward()
+        step_loss += loss.item()
+    return step_loss, step_targets
 
 
 def seed_everything(seed: int) -> None:

@@ -19,13 +19,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax in at least fp32, even under bf16
+        loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight_grad else None
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
-            logits = (h @ weight.t()).float()
+            logits = (h @ weight.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_hidden_grad or need_weight_grad:
@@ -35,7 +36,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_hidden_grad:
                     grad_hidden[start : start + chunk_rows] = probs @ weight
                 if need_weight_grad:
-                    grad_weight += (probs.t() @ h).float()
+                    grad_weight += (probs.t() @ h).to(acc)
         # Intermediate results, not inputs: kept on ctx (no double backward through this function).
         ctx.grad_hidden, ctx.grad_weight, ctx.weight_dtype = grad_hidden, grad_weight, weight.dtype
         return loss_sum
@@ -61,5 +62,5 @@ def answer_token_loss_sum(
 
 def naive_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Reference implementation (full logits); used by tests to check the chunked one."""
-    logits = (hidden @ head_weight.t()).float()
+    logits = (hidden @ head_weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")

@@ -1,0 +1,71 @@
+"""Packed rows behave exactly like each example run alone; packing changes the layout, never what is learned."""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.data.batching import collate_packed, collate_padded, epoch_steps
+from tuneforge.data.formats import normalise_row
+from tuneforge.data.tokenize import tokenize_example
+from tuneforge.model.attention import use_packed_attention
+from tuneforge.train.forward import batch_loss_sum
+
+ROWS = [
+    {"instruction": "Name a colour.", "output": "Blue."},
+    {"instruction": "What is the capital of Italy? Answer in one word please.", "output": "Rome"},
+    {"instruction": "Count to three.", "input": "Use digits.", "output": "1, 2, 3"},
+    {"instruction": "Say something long.", "output": "This is a somewhat longer answer with several words."},
+]
+
+
+def tokenized(tokenizer):
+    return [tokenize_example(tokenizer, normalise_row(r, "instruction", f"f:{i}")) for i, r in enumerate(ROWS)]
+
+
+def test_packed_logits_and_loss_equal_examples_alone(tokenizer, tiny_model):
+    examples = tokenized(tokenizer)
+    model = tiny_model.eval()
+    alone_logits, alone_losses = [], []
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex.input_ids])
+            alone_logits.append(model(input_ids=ids).logits[0])
+            alone_losses.append(float(batch_loss_sum(model, collate_padded([ex], tokenizer.pad_token_id))))
+        use_packed_attention(model)
+        packed = collate_packed(examples)
+        body_out = model.model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                               cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens).last_hidden_state
+        packed_logits = model.lm_head(body_out)[0]
+        bounds = packed.cu_seqlens.tolist()
+        for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            assert (packed_logits[start:end] - alone_logits[i]).abs().max() < 1e-4
+        per_example = [float(batch_loss_sum(model, collate_packed([ex]))) for ex in examples]
+        assert max(abs(a - b) for a, b in zip(per_example, alone_losses)) < 1e-4
+        total = float(batch_loss_sum(model, packed))
+        assert abs(total - sum(alone_losses)) < 1e-3
+
+
+def test_packed_and_padded_gradients_match(tokenizer, tiny_model):
+    examples = tokenized(tokenizer)
+    model = tiny_model.train()
+    targets = sum(ex.num_targets - 0 for ex in examples)
+
+    def grads(batch):
+        model.zero_grad()
+        (batch_loss_sum(model, batch) / targets).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded = grads(collate_padded(examples, tokenizer.pad_token_id))
+    use_packed_attention(model)
+    packed = grads(collate_packed(examples))
+    for name in padded:
+        assert torch.allclose(padded[name], packed[name], atol=1e-5), name
+
+
+def test_step_plan_is_layout_independent_and_covers_every_example_once():
+    steps = epoch_steps(21, 4, 2, seed=3, epoch=0)
+    flat = [i for step in steps for mb in step for i in mb]
+    assert sorted(flat) == list(range(21))
+    assert [sum(len(mb) for mb in step) for step in steps] == [8, 8, 5]
+    assert epoch_steps(21, 4, 2, seed=3, epoch=0) == steps
+    assert epoch_steps(21, 4, 2, seed=3, epoch=1) != steps

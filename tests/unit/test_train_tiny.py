@@ -1,0 +1,83 @@
+"""The whole `train` path on a tiny random Llama: LoRA and full, outputs on disk, PEFT parity, early stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, write_jsonl
+from tuneforge.config import load_config
+from tuneforge.train.loop import train
+
+
+def task_rows(n):
+    return [{"instruction": f"Repeat the number {i % 7}.", "output": f"{i % 7} {i % 7} {i % 7}"} for i in range(n)]
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", task_rows(48))
+
+
+def config(tiny_model_dir, data_file, tmp_path, *extra):
+    return load_config(None, [f"model={tiny_model_dir}", f"data.train={data_file}", "data.val_split=0.125",
+                              f"output_dir={tmp_path / 'run'}", "train.epochs=2", "train.batch_size=8",
+                              "train.lr=3e-3", "train.eval_every=3", *extra])
+
+
+def test_lora_run_writes_peft_adapter_and_plain_peft_matches(tiny_model_dir, data_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(config(tiny_model_dir, data_file, tmp_path), show_progress=False)
+    run = result.run_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
+                 "metrics.jsonl", "loss.png", "tuneforge.json"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.bin")) and not list(run.glob("*.pt"))  # never pickle
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == result.steps == 12 and losses[-1] < losses[0]
+    assert sum("val_loss" in m for m in metrics) == 4  # steps 3, 6, 9, 12
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, run).eval()
+    ids = torch.tensor([[1, 520, 9531, 198, 42, 2, 198, 1, 4093]])
+    with torch.no_grad():
+        diff = (plain(input_ids=ids).logits - result.model(input_ids=ids).logits).abs().max()
+    assert diff < 1e-4
+
+
+def test_full_fine_tuning_saves_an_hf_model(tiny_model_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train(config(tiny_model_dir, data_file, tmp_path, "method=full", "train.lr=1e-3"), show_progress=False)
+    assert (result.run_dir / "model.safetensors").is_file() and (result.run_dir / "config.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(result.run_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 4093, 198, 42]])
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - result.model(input_ids=ids).logits).abs().max() < 1e-5
+    assert result.train_loss < 10
+
+
+def test_early_stopping_keeps_best_weights(tiny_model_dir, data_file, tmp_path):
+    # A huge learning rate makes validation loss worse after the first evaluation.
+    cfg = config(tiny_model_dir, data_file, tmp_path, "train.lr=0.5", "train.eval_every=1", "train.epochs=5",
+                 "train.early_stopping_patience=2", "train.warmup_ratio=0", "train.max_grad_norm=0")
+    result = train(cfg, show_progress=False)
+    assert result.stopped_early and result.steps < 30
+    assert result.val_loss == pytest.approx(result.best_val_loss)
+
+
+def test_cli_train_and_generate(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "cli-run"
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"model: {tiny_model_dir}\ndata:\n  train: {data_file}\ntrain:\n  max_steps: 2\n"
+                        f"output_dir: {out}\n")
+    result = run_cli("train", str(run_file), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "done: 2 steps" in result.stdout
+    gen = run_cli("generate", str(out), "--prompt", "Repeat the number 3.", "--max-new-tokens", "4")
+    assert gen.returncode == 0, gen.stderr

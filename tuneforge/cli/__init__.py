@@ -1,0 +1,50 @@
+"""Command line: one table of subcommand families; each module parses arguments and calls into the library.
+
+No logic lives here: a subcommand's module imports the stage that does the work, lazily, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tuneforge.cli import chat, evaluate, train
+from tuneforge.errors import UserError
+
+# The table: every subcommand family, in the order `tuneforge --help` lists them.
+FAMILIES = [train, evaluate, chat]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune open LLMs on your own data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for family in FAMILIES:
+        family.add_parsers(sub)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar and log lines only: the libraries' loading bars and deprecation notices are noise here."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for noisy in ("transformers", "httpx", "huggingface_hub", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="tuneforge: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tuneforge: interrupted", file=sys.stderr)
+        return 130
