@@ -9,11 +9,11 @@ import argparse
 import logging
 import sys
 
-from tuneforge.cli import chat, evaluate, train
+from tuneforge.cli import chat, deploy, evaluate, train
 from tuneforge.errors import UserError
 
 # The table: every subcommand family, in the order `tuneforge --help` lists them.
-FAMILIES = [train, evaluate, chat]
+FAMILIES = [train, evaluate, chat, deploy]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,337 @@
+"""`tuneforge export --format gguf`: a run or model as one GGUF file that llama.cpp (and Ollama, LM Studio...) load.
+
+Written with the `gguf` package, following llama.cpp's own converter (convert_hf_to_gguf.py) for the `llama`
+architecture (Llama, Mistral, SmolLM) and `qwen2`: llama.cpp tensor names, hyperparameters as metadata, the
+tokenizer (GPT-2 style byte-level BPE with its merges, or SentencePiece-style BPE with scores) and the chat template.
+A LoRA/DoRA/QLoRA run is merged in memory first (see merge.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tuneforge.errors import UserError
+from tuneforge.model.load import load_tokenizer
+from tuneforge.model.trained import read_run_meta
+
+log = logging.getLogger("tuneforge")
+
+QUANTS = ("f32", "f16", "q8_0")
+
+# HF model_type -> llama.cpp architecture, and whether llama.cpp wants q/k rows in its own rotary order.
+ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+
+# llama.cpp recognises a BPE pre-tokenizer by the hash of the token ids of one fixed text (convert_hf_to_gguf.py's
+# get_vocab_base_pre); the families we export.
+PRE_TOKENIZER_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 "
+    "333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
+    "нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
+    "I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3.x
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2 / Qwen2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3 tokenizer
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+
+
+def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bool = False) -> Path:
+    """Write `source` (run directory, model directory or alias) as GGUF with `quant` weights to `out_file`."""
+    import gguf
+
+    out_file = Path(out_file)
+    if quant not in QUANTS:
+        raise UserError(f"--quant: got {quant!r}, allowed: {', '.join(QUANTS)}")
+    if out_file.suffix != ".gguf":
+        raise UserError(f"-o {out_file}: the output file name must end in .gguf")
+    if out_file.exists() and not force:
+        raise UserError(f"-o {out_file}: already exists; choose a new name or pass --force to replace it")
+    if not out_file.parent.is_dir():
+        raise UserError(f"-o {out_file}: directory {out_file.parent} does not exist")
+    model, tokenizer, name = _load_source(source)
+    config = model.config
+    arch_key = config.model_type
+    if arch_key not in ARCHITECTURES:
+        raise UserError(f"{source}: architecture {arch_key!r} cannot be exported to GGUF yet "
+                        f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    arch_name, permute_qk = ARCHITECTURES[arch_key]
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", dir=out_file.parent)
+    os.close(handle)
+    try:
+        writer = gguf.GGUFWriter(tmp_name, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_file_type(_file_type(gguf, quant))
+        if quant == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_hyperparameters(writer, config, source)
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            tokenizer.save_pretrained(tokenizer_dir)
+            _add_tokenizer(writer, gguf, tokenizer, Path(tokenizer_dir), config.vocab_size, source)
+        for gguf_name, data in _tensors(model, gguf, arch, permute_qk, source):
+            _add_tensor(writer, gguf, gguf_name, data, quant)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp_name, out_file)  # atomic: a half-written file never carries the name
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    log.info("wrote %s (%s, %s, %.1f MB)", out_file, gguf.MODEL_ARCH_NAMES[arch], quant, out_file.stat().st_size / 1e6)
+    return out_file
+
+
+def _load_source(source: str):
+    """(fp32 model, tokenizer, display name): a LoRA-type run is merged in memory; anything else loads as is."""
+    from tuneforge.model.load import load_model
+
+    path = Path(source)
+    meta = read_run_meta(path) if path.is_dir() else None
+    if meta is not None and meta.get("method") != "full":
+        from tuneforge.deploy.merge import merged_model
+
+        return merged_model(path, meta), load_tokenizer(source), path.resolve().name
+    model = load_model(source, dtype=torch.float32)
+    model.eval()
+    name = path.resolve().name if path.exists() else source
+    return model, load_tokenizer(source), name
+
+
+def _file_type(gguf, quant: str) -> int:
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+
+
+def _add_hyperparameters(writer, config, source: str) -> None:
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    rope = _rope_parameters(config)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rope_type not in ("default", "llama3"):  # llama3 scaling travels as the rope_freqs tensor
+        raise UserError(f"{source}: RoPE scaling {rope_type!r} cannot be exported to GGUF yet "
+                        f"(supported: default, linear, yarn, llama3)")
+
+
+def _rope_parameters(config) -> dict:
+    # transformers 5 keeps theta and scaling together in rope_parameters; older configs use rope_theta/rope_scaling.
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_theta" not in rope and getattr(config, "rope_theta", None) is not None:
+        rope["rope_theta"] = config.rope_theta
+    rope.update(getattr(config, "rope_scaling", None) or {})
+    return rope
+
+
+def _llama3_rope_factors(config) -> torch.Tensor:
+    """Per-frequency scaling of Llama 3.1+ 'llama3' RoPE, which llama.cpp reads from the rope_freqs tensor."""
+    rope = _rope_parameters(config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (float(rope.get("rope_theta", 10000.0)) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def _tensors(model, gguf, arch, permute_qk: bool, source: str):
+    """(llama.cpp name, fp32 numpy array) for every weight, q/k rows permuted where llama.cpp expects it."""
+    config = model.config
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if _rope_parameters(config).get("rope_type") == "llama3":
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(config).numpy()
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd for the output when output.weight is absent
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UserError(f"{source}: weight {hf_name} has no llama.cpp equivalent for {config.model_type}")
+        data = tensor.detach().to(torch.float32)
+        if permute_qk and hf_name.endswith("q_proj.weight"):
+            data = _rotary_permute(data, n_head)
+        elif permute_qk and hf_name.endswith("k_proj.weight"):
+            data = _rotary_permute(data, n_kv)
+        yield gguf_name, data.contiguous().numpy()
+
+
+def _rotary_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    # HF stores each head's rotary pairs as (first half, second half); llama.cpp's rope wants them interleaved.
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def _add_tensor(writer, gguf, name: str, data: np.ndarray, quant: str) -> None:
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
+    # As llama.cpp does: vectors (norms, biases, rope factors) stay fp32; only 2-D weights are stored smaller.
+    if data.ndim <= 1 or name.endswith("_norm.weight"):
+        qtype = gguf.GGMLQuantizationType.F32
+    try:
+        packed = gguf.quants.quantize(data, qtype)
+    except gguf.QuantError:  # rows not a multiple of the 32-value Q8_0 block
+        qtype = gguf.GGMLQuantizationType.F16
+        packed = gguf.quants.quantize(data, qtype)
+    shape = gguf.quant_shape_from_byte_shape(packed.shape, qtype) if packed.dtype == np.uint8 else packed.shape
+    writer.add_tensor(name, packed, raw_shape=shape, raw_dtype=qtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _add_tokenizer(writer, gguf, tokenizer, tokenizer_dir: Path, vocab_size: int, source: str) -> None:
+    tokenizer_json = tokenizer_dir / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise UserError(f"{source}: the tokenizer has no tokenizer.json (a fast tokenizer is needed for GGUF export)")
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError(f"{source}: tokenizer type {model.get('type')!r} cannot be exported to GGUF yet (BPE only)")
+    if model.get("byte_fallback"):
+        _add_sentencepiece_bpe(writer, gguf, tokenizer, spec, vocab_size)
+        special = gguf.SpecialVocab(tokenizer_dir, load_merges=False, n_vocab=vocab_size)
+    else:
+        _add_byte_level_bpe(writer, gguf, tokenizer, vocab_size, source)
+        writer.add_add_space_prefix(False)
+        special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size)
+    special.chat_template = None  # written below from the tokenizer itself, the template training used
+    special.add_special_token = {}  # written below from what the tokenizer actually does
+    special.add_to_gguf(writer, quiet=True)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _added_token_type(gguf, token: str, added) -> int:
+    looks_special = token.startswith("<|") and token.endswith("|>")
+    return gguf.TokenType.CONTROL if added.special or looks_special else gguf.TokenType.USER_DEFINED
+
+
+def _add_byte_level_bpe(writer, gguf, tokenizer, vocab_size: int, source: str) -> None:
+    """GPT-2 style BPE (SmolLM2, Llama 3, Qwen2): tokens, types, the pre-tokenizer name; merges via SpecialVocab."""
+    check = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
+    if check not in PRE_TOKENIZERS:
+        raise UserError(f"{source}: llama.cpp does not know this BPE pre-tokenizer (hash {check[:12]}...); "
+                        f"supported families: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}")
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(reverse[i])
+            types.append(_added_token_type(gguf, reverse[i], added[i]))
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZERS[check])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+
+
+def _add_sentencepiece_bpe(writer, gguf, tokenizer, spec: dict, vocab_size: int) -> None:
+    """SentencePiece-style BPE with byte fallback (Llama 2, Mistral) from tokenizer.json.
+
+    llama.cpp's SPM tokenizer merges the adjacent pair whose merged token has the highest score; scoring each token
+    by minus the rank of the merge that makes it reproduces the BPE merge order exactly.
+    """
+    vocab = spec["model"]["vocab"]
+    rank = {}
+    for r, merge in enumerate(spec["model"].get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    reverse = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        token = reverse.get(i) or (added[i].content if i in added else None)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1e9)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        scores.append(-float(rank.get(token, 0)))
+        if i == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added:
+            types.append(_added_token_type(gguf, token, added[i]))
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(_adds_space_prefix(spec))
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether the tokenizer puts "▁" before the text: a Prepend normalizer (Llama 2) or a prepending Metaspace."""
+    def parts(node):
+        if not isinstance(node, dict):
+            return []
+        inner = node.get("normalizers") or node.get("pretokenizers") or []
+        return [node] + [p for child in inner for p in parts(child)]
+
+    for part in parts(spec.get("normalizer")) + parts(spec.get("pre_tokenizer")):
+        if part.get("type") == "Prepend" and part.get("prepend") == "\u2581":
+            return True
+        if part.get("type") == "Metaspace" and (part.get("prepend_scheme") in ("always", "first")
+                                                 or part.get("add_prefix_space") is True):
+            return True
+    return False

@@ -1,0 +1,113 @@
+"""`tuneforge merge`: fold a LoRA / DoRA / QLoRA run into its base and write a plain Hugging Face model directory.
+
+The result loads anywhere transformers does (vLLM, TGI, llama.cpp after `tuneforge export`), with no PEFT at
+inference time and no adapter latency. A QLoRA adapter was trained against the 4-bit NF4 base, not the original
+weights, so it is merged into that base dequantized: the merged model then computes what the trained model did.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from tuneforge.errors import UserError
+from tuneforge.model.load import load_model, load_tokenizer
+from tuneforge.model.trained import RUN_META_FILE, read_run_meta
+
+log = logging.getLogger("tuneforge")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MERGEABLE = ("lora", "dora", "qlora")
+# Methods whose trained parameters are not a delta on existing weights: nothing to fold in.
+NOT_MERGEABLE = {
+    "adapter": "its bottleneck layers are extra modules, not a change to existing weights",
+    "prefix": "its trained prefix is extra key/value states, not a change to existing weights",
+    "prompt": "its trained soft prompt is extra input embeddings, not a change to existing weights",
+}
+
+
+def run_meta_or_error(run_dir: Path) -> dict:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory (expected a run directory written by tuneforge train)")
+    meta = read_run_meta(run_dir)
+    if meta is None:
+        raise UserError(f"{run_dir}: no {RUN_META_FILE}; expected a run directory written by tuneforge train")
+    return meta
+
+
+def check_mergeable(run_dir: Path, meta: dict) -> None:
+    method = meta.get("method")
+    if method in NOT_MERGEABLE:
+        raise UserError(
+            f"{run_dir}: method {method!r} cannot be merged ({NOT_MERGEABLE[method]}); "
+            f"use the run directly with tuneforge chat/generate/eval"
+        )
+    if method == "full":
+        raise UserError(f"{run_dir}: method 'full' is already a complete model directory; nothing to merge")
+    if method not in MERGEABLE:
+        raise UserError(f"{run_dir}: unknown method {method!r} in {RUN_META_FILE} (mergeable: {', '.join(MERGEABLE)})")
+
+
+def merged_model(run_dir: Path, meta: dict | None = None) -> torch.nn.Module:
+    """The run's adapter folded into its base, in fp32, as a plain transformers model."""
+    from peft import PeftModel
+
+    meta = meta or run_meta_or_error(run_dir)
+    check_mergeable(run_dir, meta)
+    base = load_model(meta["base_model"], dtype=torch.float32)
+    if meta["method"] == "qlora":
+        dequantize_like_qlora(base, qlora_settings(run_dir))
+    model = PeftModel.from_pretrained(base, str(run_dir))
+    model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/Inf weights instead of writing them
+    model.eval()
+    return model
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Write the merged model (safetensors, config, generation config, tokenizer, chat template) into `out_dir`."""
+    from tuneforge.train.checkpoint import save_output
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: got {dtype!r}, allowed: {', '.join(DTYPES)}")
+    meta = run_meta_or_error(run_dir)
+    check_mergeable(run_dir, meta)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"-o {out_dir}: already exists and is not an empty directory; choose a new path")
+    model = merged_model(run_dir, meta).to(DTYPES[dtype])
+    tokenizer = load_tokenizer(str(run_dir))
+    if getattr(model.generation_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged_meta = {"base_model": meta["base_model"], "method": "full", "merged_from": str(run_dir),
+                   "merged_method": meta["method"], "dtype": dtype}
+    save_output(model, tokenizer, out_dir, merged_meta)
+    log.info("merged %s (%s) into %s -> %s", run_dir, meta["method"], meta["base_model"], out_dir)
+    return out_dir
+
+
+def qlora_settings(run_dir: Path) -> dict:
+    """NF4 settings the run was trained with (its resolved config.yaml), defaulting to the QLoRA paper's."""
+    settings = {"quant_type": "nf4", "double_quant": True, "blocksize": 64}
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        cfg = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        for section in ("qlora", "quantization"):
+            if isinstance(cfg.get(section), dict):
+                settings.update({k: v for k, v in cfg[section].items() if k in settings})
+    return settings
+
+
+@torch.no_grad()
+def dequantize_like_qlora(model: torch.nn.Module, settings: dict) -> None:
+    """Replace each linear weight (lm_head excluded, as in QLoRA) by its NF4 round trip, in place."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            weight = module.weight.data
+            packed, state = quantize_4bit(weight, quant_type=settings["quant_type"], blocksize=settings["blocksize"],
+                                          compress_statistics=settings["double_quant"])
+            module.weight.data = dequantize_4bit(packed, state).to(weight.dtype).reshape(weight.shape)
