@@ -56,6 +56,9 @@ class DataSettings:
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: answer tokens only).")
     packing: bool = _f(True, "Concatenate examples into one padding-free row; attention never crosses examples.")
     system_prompt: Union[str, None] = _f(None, "System message added to rows that have none (default: the template's).")
+    on_error: Literal["fail", "skip"] = _f(
+        "fail", "Bad rows (file:line: reason): 'fail' stops before the model loads; 'skip' trains without them."
+    )
 
 
 @dataclass

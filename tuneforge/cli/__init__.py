@@ -9,11 +9,11 @@ import argparse
 import logging
 import sys
 
-from tuneforge.cli import chat, deploy, evaluate, train
+from tuneforge.cli import chat, data, deploy, evaluate, train
 from tuneforge.errors import UserError
 
 # The table: every subcommand family, in the order `tuneforge --help` lists them.
-FAMILIES = [train, evaluate, chat, deploy]
+FAMILIES = [train, data, evaluate, chat, deploy]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,8 @@ Three row formats (the guide's), detected per file from the first row and requir
 - chat:        {"messages": [{"role", "content"}, ...]}      (ShareGPT {"conversations": [{"from", "value"}]} maps here)
 - completion:  {"text"}                                        -> plain text, trained on every token
 Files: JSONL, JSON (a list of rows), CSV, Parquet, a saved `datasets` directory, or `hf:NAME` (a hub dataset, online).
-Every problem is reported as `file:line: reason`.
+Every problem is reported as `file:line: reason`. `scan_rows` yields every row with all of its problems (what
+`tuneforge data check` lists); `load_examples` fails on them, or skips the bad rows, per `data.on_error`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from tuneforge.errors import DataError
 
@@ -32,46 +33,87 @@ class Example:
     text: str | None = None
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a row (or a file), located as `file:line`."""
+
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class ScannedRow:
+    """A row as read: where it is, the parsed row (None when unreadable), its format, and an Example or problems."""
+
+    where: str
+    row: Any
+    format: str | None
+    example: Example | None
+    problems: list[str]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading rows: (location, row-dict) pairs, whatever the container.
 
 
 def read_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (`file:line` or `file:row N`, row) for every row of a data source."""
+    """Yield (`file:line` or `file:row N`, row) for every row of a data source; an unreadable row raises."""
+    for where, row, problem in read_rows_or_problems(path):
+        if problem is not None:
+            raise DataError(f"{where}: {problem}")
+        yield where, row
+
+
+def read_rows_or_problems(path: str) -> Iterator[tuple[str, Any, str | None]]:
+    """Yield (where, row, None) per row, or (where, None, reason) for a line that cannot be read (JSONL).
+
+    A source that cannot be read at all (missing, unsupported type, not a JSON list) raises `DataError`.
+    """
     if path.startswith("hf:"):
-        yield from _read_hub_dataset(path[3:])
+        yield from _no_problems(_read_hub_dataset(path[3:]))
         return
     p = Path(path)
     if p.is_dir():
-        yield from _read_saved_dataset(p)
+        yield from _no_problems(_read_saved_dataset(p))
         return
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         yield from _read_jsonl(p)
     elif suffix == ".json":
-        yield from _read_json(p)
+        yield from _no_problems(_read_json(p))
     elif suffix == ".csv":
-        yield from _read_csv(p)
+        yield from _no_problems(_read_csv(p))
     elif suffix == ".parquet":
-        yield from _read_parquet(p)
+        yield from _no_problems(_read_parquet(p))
     else:
         raise DataError(f"{path}: unsupported data file type {suffix or '(none)'}; use .jsonl, .json, .csv or .parquet")
 
 
-def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
+def _no_problems(rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any, None]]:
+    for where, row in rows:
+        yield where, row, None
+
+
+def _read_jsonl(p: Path) -> Iterator[tuple[str, Any, str | None]]:
     with p.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             where = f"{p}:{number}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: bytes that are not UTF-8 (at byte {exc.start})") from None
+                yield where, None, f"bytes that are not UTF-8 (at byte {exc.start})"
+                continue
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                yield where, json.loads(line.rstrip("\r\n")), None
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+                yield where, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
 
 
 def _read_json(p: Path) -> Iterator[tuple[str, Any]]:
@@ -144,106 +186,196 @@ def _read_hub_dataset(name: str) -> Iterator[tuple[str, Any]]:
 # Format detection and normalisation.
 
 
+# Keys that mark each format. `text` beside another format's keys is taken as a rendered copy of the row (as in
+# tatsu-lab/alpaca) and ignored; the other formats together in one row are ambiguous: which one would we train on?
+FORMAT_KEYS = {"chat": ("messages",), "sharegpt": ("conversations",), "instruction": ("instruction", "output")}
+
+
 def detect_format(row: Any, where: str) -> str:
+    fmt, problem = _detect_format(row)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    return fmt
+
+
+def _detect_format(row: Any) -> tuple[str | None, str | None]:
+    """(format, None) or (None, why the row has no single format)."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        return "chat"
-    if "conversations" in row:
-        return "sharegpt"
-    if "instruction" in row or "output" in row:
-        return "instruction"
+        return None, f"a row must be a JSON object, got {_type(row)}"
+    found = [fmt for fmt, keys in FORMAT_KEYS.items() if any(k in row for k in keys)]
+    if len(found) > 1:
+        keys = ", ".join(k for fmt in found for k in FORMAT_KEYS[fmt] if k in row)
+        return None, f"row mixes formats: {' and '.join(found)} keys in one row ({keys}); keep one format per row"
+    if found:
+        return found[0], None
     if "text" in row:
-        return "completion"
+        return "completion", None
     keys = ", ".join(sorted(map(str, row))) or "none"
-    raise DataError(
-        f"{where}: unknown row format (keys: {keys}); expected instruction/input/output, messages, conversations or text"
-    )
+    return None, f"unknown row format (keys: {keys}); expected instruction/input/output, messages, conversations or text"
 
 
-def load_examples(path: str, fmt: str = "auto", system_prompt: str | None = None) -> list[Example]:
-    """All rows of one data source as Examples; the first bad row raises `DataError` naming its location."""
-    examples: list[Example] = []
+def scan_rows(path: str, fmt: str = "auto", system_prompt: str | None = None) -> Iterator[ScannedRow]:
+    """Every row of one data source with ALL its problems: bad rows never stop the scan (only an unreadable file)."""
     file_format = None if fmt == "auto" else fmt
-    for where, row in read_rows(path):
-        row_format = detect_format(row, where)
+    format_from = "data.format" if file_format else None
+    for where, row, problem in read_rows_or_problems(path):
+        if problem is not None:
+            yield ScannedRow(where, None, None, None, [problem])
+            continue
+        row_format, problem = _detect_format(row)
+        if problem is not None:
+            yield ScannedRow(where, row, None, None, [problem])
+            continue
         if file_format is None:
-            file_format = row_format
-        elif row_format != file_format:
-            raise DataError(f"{where}: row is {row_format} but the file is {file_format}; one format per file")
-        examples.append(normalise_row(row, row_format, where, system_prompt))
+            file_format, format_from = row_format, f"line {_line_of(where)}"
+        if row_format != file_format:
+            reason = f"row is {row_format} but the file is {file_format} (from {format_from}); one format per file"
+            yield ScannedRow(where, row, row_format, None, [reason])
+            continue
+        example, problems = _example_or_problems(row, row_format, where, system_prompt)
+        yield ScannedRow(where, row, row_format, example, problems)
+
+
+def _line_of(where: str) -> str:
+    return where.rsplit(":", 1)[-1]
+
+
+def load_examples(
+    path: str, fmt: str = "auto", system_prompt: str | None = None, on_error: Literal["fail", "skip"] = "fail"
+) -> list[Example]:
+    """All rows of one data source as Examples. `fail`: any bad row raises `DataError` naming the first one (and how
+    many there are); `skip`: bad rows are left out (see `load_examples_and_problems` for which)."""
+    examples, problems = load_examples_and_problems(path, fmt, system_prompt)
+    if problems and on_error == "fail":
+        raise DataError(_first_problem_message(path, problems))
     if not examples:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no usable rows" + (f" ({len(problems)} bad rows skipped)" if problems else ""))
     return examples
 
 
+def load_examples_and_problems(
+    path: str, fmt: str = "auto", system_prompt: str | None = None
+) -> tuple[list[Example], list[Problem]]:
+    """The valid rows as Examples, and the first problem of every bad row."""
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    for scanned in scan_rows(path, fmt, system_prompt):
+        if scanned.problems:
+            problems.append(Problem(scanned.where, scanned.problems[0]))
+        else:
+            examples.append(scanned.example)
+    return examples, problems
+
+
+def _first_problem_message(path: str, problems: list[Problem]) -> str:
+    message = str(problems[0])
+    if len(problems) > 1:
+        lines = ", ".join(_line_of(p.where) for p in problems[1:6]) + (", ..." if len(problems) > 6 else "")
+        message += (f" (and {len(problems) - 1} more bad rows, at {lines}; `tuneforge data check {path}` lists them "
+                    "all, data.on_error=skip trains without them)")
+    return message
+
+
 def normalise_row(row: dict[str, Any], fmt: str, where: str, system_prompt: str | None = None) -> Example:
+    example, problems = _example_or_problems(row, fmt, where, system_prompt)
+    if problems:
+        raise DataError(f"{where}: {problems[0]}")
+    return example
+
+
+def _example_or_problems(
+    row: dict[str, Any], fmt: str, where: str, system_prompt: str | None
+) -> tuple[Example | None, list[str]]:
+    problems: list[str] = []
     if fmt == "completion":
-        return Example(source=where, text=_text_field(row, "text", where))
+        text = _text_field(row, "text", problems)
+        return (None, problems) if problems else (Example(source=where, text=text), [])
     if fmt == "instruction":
-        messages = _instruction_messages(row, where)
+        messages = _instruction_messages(row, problems)
     elif fmt == "sharegpt":
-        messages = _sharegpt_messages(row, where)
+        messages = _chat_messages(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES, problems)
     else:
-        messages = _chat_messages(row.get("messages"), where, "messages", "role", "content", None)
+        messages = _chat_messages(row.get("messages"), "messages", "role", "content", None, problems)
+    if problems:
+        return None, problems
+    _check_turn_order(messages, problems)
+    if problems:
+        return None, problems
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
-    _check_turn_order(messages, where)
-    return Example(source=where, messages=tuple(messages))
+    return Example(source=where, messages=tuple(messages)), []
 
 
-def _text_field(row: dict[str, Any], key: str, where: str, required: bool = True) -> str:
+def _type(value: Any) -> str:
+    return type(value).__name__
+
+
+def _text_field(row: dict[str, Any], key: str, problems: list[str], required: bool = True) -> str:
     value = row.get(key)
     if value is None:
         if required:
-            raise DataError(f"{where}: missing required field '{key}'")
+            problems.append(f"missing required field '{key}'")
         return ""
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be text, got {type(value).__name__}")
+        problems.append(f"field '{key}' must be text, got {_type(value)}")
+        return ""
     if required and not value.strip():
-        raise DataError(f"{where}: field '{key}' is empty")
+        problems.append(f"field '{key}' is empty")
     return value
 
 
-def _instruction_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
-    instruction = _text_field(row, "instruction", where)
-    extra = _text_field(row, "input", where, required=False)
-    output = _text_field(row, "output", where)
-    system = _text_field(row, "system", where, required=False)
+def _instruction_messages(row: dict[str, Any], problems: list[str]) -> list[dict[str, str]]:
+    instruction = _text_field(row, "instruction", problems)
+    extra = _text_field(row, "input", problems, required=False)
+    output = _text_field(row, "output", problems)
+    system = _text_field(row, "system", problems, required=False)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages = [{"role": "system", "content": system}] if system.strip() else []
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _sharegpt_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
-    return _chat_messages(row.get("conversations"), where, "conversations", "from", "value", SHAREGPT_ROLES)
-
-
-def _chat_messages(turns: Any, where: str, field: str, role_key: str, content_key: str, role_map) -> list[dict[str, str]]:
+def _chat_messages(
+    turns: Any, field: str, role_key: str, content_key: str, role_map: dict[str, str] | None, problems: list[str]
+) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field '{field}' must be a non-empty list of turns")
+        problems.append(f"field '{field}' must be a non-empty list of turns, got {_type(turns)}"
+                        if not isinstance(turns, list) else f"field '{field}' is an empty list of turns")
+        return []
     messages = []
+    allowed = tuple(role_map) if role_map else ROLES
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: {field}[{i}] must be an object with '{role_key}' and '{content_key}'")
+            problems.append(f"{field}[{i}] must be an object with '{role_key}' and '{content_key}', got {_type(turn)}")
+            continue
         role = turn.get(role_key)
-        allowed = tuple(role_map) if role_map else ROLES
         if role not in allowed:
-            raise DataError(f"{where}: {field}[{i}]: unknown role {role!r} (allowed: {', '.join(allowed)})")
+            shown = f"unknown role {role!r}" if role is not None else f"missing '{role_key}'"
+            problems.append(f"{field}[{i}]: {shown} (allowed: {', '.join(allowed)})")
+            continue
         content = turn.get(content_key)
+        if content is None:
+            problems.append(f"{field}[{i}]: missing required field '{content_key}'")
+            continue
         if not isinstance(content, str):
-            raise DataError(f"{where}: {field}[{i}].{content_key} must be text, got {type(content).__name__}")
+            problems.append(f"{field}[{i}].{content_key} must be text, got {_type(content)}")
+            continue
         messages.append({"role": role_map[role] if role_map else role, "content": content})
     return messages
 
 
-def _check_turn_order(messages: list[dict[str, str]], where: str) -> None:
+def _check_turn_order(messages: list[dict[str, str]], problems: list[str]) -> None:
+    """Roles in an order a chat template can render and training can learn from; turn i is the row's i-th turn."""
+    seen_user = False
     for i, message in enumerate(messages):
-        if message["role"] == "system" and i != 0:
-            raise DataError(f"{where}: turn {i}: a system turn may only come first")
-        if message["role"] == "assistant" and not message["content"].strip():
-            raise DataError(f"{where}: turn {i}: empty assistant turn")
-        if i > 0 and message["role"] == messages[i - 1]["role"]:
-            raise DataError(f"{where}: turn {i}: two {message['role']} turns in a row")
+        role = message["role"]
+        if role == "system" and i != 0:
+            problems.append(f"turn {i}: a system turn may only come first")
+        elif i > 0 and role == messages[i - 1]["role"]:
+            problems.append(f"turn {i}: two {role} turns in a row")
+        elif role == "assistant" and not seen_user:
+            problems.append(f"turn {i}: assistant turn before any user turn")
+        if role == "assistant" and not message["content"].strip():
+            problems.append(f"turn {i}: empty assistant turn")
+        seen_user = seen_user or role == "user"
     if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: conversation does not end on an assistant turn")
+        problems.append("conversation does not end on an assistant turn")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from tuneforge.config import DataSettings
-from tuneforge.data.formats import Example, load_examples
+from tuneforge.data.formats import Example, load_examples, load_examples_and_problems
 from tuneforge.data.tokenize import TokenizedExample, TokenizeReport, ensure_chat_template, tokenize_all
 from tuneforge.errors import DataError
+
+log = logging.getLogger("tuneforge")
 
 
 @dataclass
@@ -28,13 +31,27 @@ class PreparedData:
 
 def read_raw(data: DataSettings, seed: int) -> tuple[list[Example], list[Example]]:
     """Rows of train and validation data (validated, not tokenized): fast, so bad data fails before model loading."""
-    train = load_examples(data.train, data.format, data.system_prompt)
+    train = _validated_rows(data.train, data)
     val: list[Example] = []
     if data.val is not None:
-        val = load_examples(data.val, data.format, data.system_prompt)
+        val = _validated_rows(data.val, data)
     elif data.val_split > 0:
         train, val = split_examples(train, data.val_split, seed)
     return train, val
+
+
+def _validated_rows(path: str, data: DataSettings) -> list[Example]:
+    """The checks of `tuneforge data check` (every row, every problem); bad rows fail the run or are skipped."""
+    if data.on_error == "fail":
+        return load_examples(path, data.format, data.system_prompt, on_error="fail")
+    examples, problems = load_examples_and_problems(path, data.format, data.system_prompt)
+    if problems:
+        lines = ", ".join(p.where.rsplit(":", 1)[-1] for p in problems)
+        log.warning("data: skipped %d bad rows of %s (data.on_error=skip): lines %s; first: %s",
+                    len(problems), path, lines, problems[0])
+    if not examples:
+        raise DataError(f"{path}: no usable rows ({len(problems)} bad rows skipped)")
+    return examples
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
