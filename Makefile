@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tuneforge train configs/demo.yaml
+	$(BIN)/tuneforge train configs/demo.yaml --resume  # a second `make demo` (or one after Ctrl-C) continues, never redoes
 	$(BIN)/tuneforge eval runs/demo --data examples/demo/test.jsonl --compare smollm2-135m-instruct --show 6
 
 test: $(STAMP)

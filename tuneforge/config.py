@@ -74,7 +74,9 @@ class TrainSettings:
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
     seed: int = _f(42, "Seed for data order, splits, dropout and initialisation.")
     eval_every: int = _f(0, "Validation loss every N optimizer steps (and always at the end); 0 = only at the end.", min=0)
-    save_every: int = _f(0, "Save a checkpoint every N optimizer steps; 0 = only the final output.", min=0)
+    save_every: int = _f(
+        50, "Save a resumable checkpoint every N optimizer steps and at the end; 0 = only at the end.", min=0
+    )
     early_stopping_patience: int = _f(
         0, "Stop after this many validations without a new best val loss, keeping the best weights; 0 = off.", min=0
     )
@@ -84,6 +86,17 @@ class TrainSettings:
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; 'auto' picks CUDA when present.")
     log_every: int = _f(1, "Write a metrics line every N optimizer steps.", min=1)
+    keep_last: int = _f(3, "Keep the newest N complete checkpoints (the newest is never deleted).", min=1)
+    resume: Literal["never", "auto"] = _f(
+        "never", "'auto' continues from the newest complete checkpoint in output_dir (same as --resume)."
+    )
+    max_bad_steps: int = _f(
+        5, "A NaN/Inf loss or gradient skips that step; more than this many in a row stop the run.", min=0
+    )
+    loss_spike_factor: float = _f(
+        0.0, "Stop when the loss stays above this multiple of its running mean (last 50 steps); 0 = off.", min=0
+    )
+    loss_spike_patience: int = _f(10, "Consecutive spiking steps that stop the run (with loss_spike_factor).", min=1)
 
 
 @dataclass

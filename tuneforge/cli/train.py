@@ -16,7 +16,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.config is None:
         raise UserError("train: give a run file, e.g. tuneforge train configs/demo.yaml")
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
     result = train(cfg, show_progress=not args.quiet)
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"done: {result.steps} steps, train_loss {result.train_loss:.4f}{val} -> {result.run_dir}")
@@ -28,5 +29,6 @@ def add_parsers(sub) -> None:
     p.add_argument("config", nargs="?", help="run file (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 lora.r=8")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -13,6 +13,7 @@ from tuneforge.data.tokenize import TokenizedExample, TokenizeReport, ensure_cha
 from tuneforge.errors import DataError
 
 log = logging.getLogger("tuneforge")
+SKIPPED_SHOWN = 20  # skipped rows logged with their reason (all are counted and their lines listed)
 
 
 @dataclass
@@ -47,8 +48,11 @@ def _validated_rows(path: str, data: DataSettings) -> list[Example]:
     examples, problems = load_examples_and_problems(path, data.format, data.system_prompt)
     if problems:
         lines = ", ".join(p.where.rsplit(":", 1)[-1] for p in problems)
-        log.warning("data: skipped %d bad rows of %s (data.on_error=skip): lines %s; first: %s",
-                    len(problems), path, lines, problems[0])
+        log.warning("data: skipped %d bad rows of %s (data.on_error=skip): lines %s", len(problems), path, lines)
+        for problem in problems[:SKIPPED_SHOWN]:
+            log.warning("data: skipped %s", problem)
+        if len(problems) > SKIPPED_SHOWN:
+            log.warning("data: ... `tuneforge data check %s` lists the other %d", path, len(problems) - SKIPPED_SHOWN)
     if not examples:
         raise DataError(f"{path}: no usable rows ({len(problems)} bad rows skipped)")
     return examples

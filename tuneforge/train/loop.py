@@ -3,6 +3,10 @@
 config -> data (validated before any model loads) -> model (load -> method) -> steps -> output in the run directory.
 Each optimizer step's loss is the mean over all answer tokens of the step, however the step is split into
 micro-batches: every micro-batch's summed loss is divided by the step's total target count before backward.
+
+A run can be killed at any instant and continued with `--resume` as if nothing happened: a checkpoint holds the
+trainable weights, optimizer state, step and data position, best-so-far bookkeeping and every RNG state, and the
+data order of an epoch is a pure function of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -11,26 +15,50 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from tuneforge import __version__
-from tuneforge.config import RunConfig, save_config, validate_for_training
+from tuneforge.config import RunConfig, validate_for_training
 from tuneforge.data.batching import collate, epoch_steps, steps_per_epoch
 from tuneforge.data.prepare import read_raw, tokenize_data
+from tuneforge.errors import ConfigError, Preempted, TrainingStopped
 from tuneforge.model.attention import use_packed_attention, use_standard_attention
 from tuneforge.model.load import load_model, load_tokenizer, native_bf16, pick_device
 from tuneforge.model.methods import apply_method, parameter_report
-from tuneforge.train.checkpoint import load_trainable_state, save_output, trainable_state
+from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.forward import batch_loss_sum
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
-from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses
+from tuneforge.train.signals import StopRequests
+from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses, truncate_metrics
 from tuneforge.train.validate import validation_loss
 
 log = logging.getLogger("tuneforge")
+
+SPIKE_WINDOW = 50  # steps in the running mean that loss spikes are measured against
+# Settings a resumed run must share with its checkpoint: they decide the weights' shapes or the data stream.
+RESUME_MUST_MATCH = ("model", "method", "lora.r", "lora.target_modules", "data.train", "data.format",
+                     "data.max_length", "train.seed", "train.batch_size", "train.grad_accum")
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs; saved as JSON in each checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    step_in_epoch: int = 0  # steps of the current epoch done (the data position)
+    last_loss: float = math.nan
+    val_loss: float | None = None
+    best_val: float | None = None
+    evals_without_gain: int = 0
+    bad_steps: int = 0  # consecutive non-finite steps
+    spike_steps: int = 0  # consecutive spiking steps
+    recent_losses: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -49,9 +77,11 @@ def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
     # Data first: a broken row fails in seconds, before the model is loaded.
     train_rows, val_rows = read_raw(cfg.data, cfg.train.seed)
     run_dir = Path(cfg.output_dir)
+    resume_from = _find_resume_point(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh metrics file
+    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
+    ckpt.remove_partial_checkpoints(run_dir)
     seed_everything(cfg.train.seed)
 
     device = pick_device(cfg.train.device)
@@ -75,68 +105,112 @@ def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
     per_epoch = steps_per_epoch(len(data.train), t.batch_size, t.grad_accum)
     total_steps = t.max_steps or t.epochs * per_epoch
     pad_id = tokenizer.pad_token_id
-    tracker = Tracker(run_dir, total_steps, show_progress=show_progress)
-    tracker.log({"event": "start", "total_steps": total_steps, "train_examples": len(data.train),
-                 "val_examples": len(data.val), "device": device, "method": cfg.method})
+    state, best_state = TrainerState(), None
+    if resume_from is not None:
+        state, best_state = _restore(resume_from, model, optimizer)
+        truncate_metrics(run_dir, state.step)
+        log.info("resuming from %s (step %d of %d)", resume_from, state.step, total_steps)
+    else:
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh metrics file
+    tracker = Tracker(run_dir, total_steps, start_step=state.step, show_progress=show_progress)
+    tracker.log({"event": "resume" if resume_from else "start", "step": state.step, "total_steps": total_steps,
+                 "train_examples": len(data.train), "val_examples": len(data.val), "device": device,
+                 "method": cfg.method})
 
-    step, epoch = 0, 0
-    last_loss, val_loss, best_val, best_state, evals_without_gain = math.nan, None, math.inf, None, 0
+    def checkpoint() -> Path:
+        saved = ckpt.save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), config_text, t.keep_last,
+                                     best_state)
+        tracker.log({"step": state.step, "checkpoint": saved.name})
+        return saved
+
     stopped_early = False
     model.train()
-    while step < total_steps and not stopped_early:
-        for micro_batches in epoch_steps(len(data.train), t.batch_size, t.grad_accum, t.seed, epoch):
-            if step >= total_steps:
-                break
-            started = time.perf_counter()
-            lr = lr_at(step, total_steps, t)
-            set_lr(optimizer, lr)
-            batches = [collate([data.train[i] for i in mb], cfg.data.packing, pad_id) for mb in micro_batches]
-            step_loss, step_targets = accumulate_gradients(model, batches, device, autocast_dtype)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = step_loss
-            elapsed = time.perf_counter() - started
-            tokens = sum(b.num_tokens for b in batches)
-            tracker.step(step_loss, lr, tokens / elapsed)
-            if step % t.log_every == 0 or step == total_steps:
-                tracker.log({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                             "tokens": tokens, "target_tokens": step_targets, "tokens_per_s": tokens / elapsed,
-                             "step_time_s": elapsed})
-
-            if data.val and (step == total_steps or (t.eval_every and step % t.eval_every == 0)):
-                val_loss = validation_loss(model, data.val, t.batch_size, cfg.data.packing, pad_id, device,
-                                           autocast_dtype)
-                tracker.log({"step": step, "val_loss": val_loss})
-                tracker.message(f"step {step}: val_loss {val_loss:.4f}")
-                if val_loss < best_val:
-                    best_val, evals_without_gain = val_loss, 0
-                    if t.early_stopping_patience:
-                        best_state = trainable_state(model)
+    with StopRequests() as stop:
+        while state.step < total_steps and not stopped_early:
+            plan = epoch_steps(len(data.train), t.batch_size, t.grad_accum, t.seed, state.epoch)
+            # On resume the first `step_in_epoch` steps of this epoch were already taken: the data position.
+            for micro_batches in plan[state.step_in_epoch:]:
+                if state.step >= total_steps:
+                    break
+                started = time.perf_counter()
+                lr = lr_at(state.step, total_steps, t)
+                set_lr(optimizer, lr)
+                batches = [collate([data.train[i] for i in mb], cfg.data.packing, pad_id) for mb in micro_batches]
+                step_loss, step_targets = accumulate_gradients(model, batches, device, autocast_dtype)
+                max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+                elapsed = time.perf_counter() - started
+                tokens = sum(b.num_tokens for b in batches)
+                tracker.step(step_loss, lr, tokens / elapsed)
+                if finite:
+                    state.bad_steps, state.last_loss = 0, step_loss
+                    _check_loss_spike(state, step_loss, t, run_dir)
+                    if state.step % t.log_every == 0 or state.step == total_steps:
+                        tracker.log({"step": state.step, "epoch": state.epoch, "loss": step_loss, "lr": lr,
+                                     "grad_norm": grad_norm, "tokens": tokens, "target_tokens": step_targets,
+                                     "tokens_per_s": tokens / elapsed, "step_time_s": elapsed})
                 else:
-                    evals_without_gain += 1
-                    if t.early_stopping_patience and evals_without_gain >= t.early_stopping_patience:
-                        tracker.message(f"early stopping at step {step}: no val improvement in "
-                                        f"{evals_without_gain} evaluations; keeping the best weights")
-                        stopped_early = True
-                        break
-        epoch += 1
+                    # A NaN/Inf step changes nothing: its update is skipped, the data and schedule move on.
+                    state.bad_steps += 1
+                    tracker.log({"step": state.step, "skipped_step": True, "loss": _json_float(step_loss),
+                                 "grad_norm": _json_float(grad_norm), "lr": lr})
+                    tracker.message(f"step {state.step}: non-finite loss or gradient norm, update skipped "
+                                    f"({state.bad_steps} in a row)")
+                    if state.bad_steps > t.max_bad_steps:
+                        raise TrainingStopped(
+                            f"stopped at step {state.step}: {state.bad_steps} non-finite steps in a row "
+                            f"(train.max_bad_steps={t.max_bad_steps}); no NaN weights were saved; last checkpoint: "
+                            f"{ckpt.latest_checkpoint(run_dir) or 'none'}")
+
+                if data.val and (state.step == total_steps or (t.eval_every and state.step % t.eval_every == 0)):
+                    state.val_loss = validation_loss(model, data.val, t.batch_size, cfg.data.packing, pad_id, device,
+                                                     autocast_dtype)
+                    tracker.log({"step": state.step, "val_loss": state.val_loss})
+                    tracker.message(f"step {state.step}: val_loss {state.val_loss:.4f}")
+                    if state.best_val is None or state.val_loss < state.best_val:
+                        state.best_val, state.evals_without_gain = state.val_loss, 0
+                        if t.early_stopping_patience:
+                            best_state = ckpt.trainable_state(model)
+                    else:
+                        state.evals_without_gain += 1
+                        if t.early_stopping_patience and state.evals_without_gain >= t.early_stopping_patience:
+                            tracker.message(f"early stopping at step {state.step}: no val improvement in "
+                                            f"{state.evals_without_gain} evaluations; keeping the best weights")
+                            stopped_early = True
+                save_due = state.step == total_steps or (t.save_every and state.step % t.save_every == 0)
+                if save_due or stopped_early or stop.requested:
+                    saved = checkpoint()
+                if stop.requested:
+                    tracker.close()
+                    raise Preempted(f"stopped by signal at step {state.step}; checkpoint {saved}; "
+                                    f"continue with: tuneforge train <run.yaml> --resume")
+                if stopped_early:
+                    break
+            else:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
     tracker.close()
 
     if stopped_early and best_state is not None:
-        load_trainable_state(model, best_state)
-        val_loss = best_val
+        ckpt.load_trainable_state(model, best_state)
+        state.val_loss = state.best_val
     if cfg.data.packing:
         use_standard_attention(model)  # what is saved must generate with ordinary attention
-    meta = {"base_model": cfg.model, "method": cfg.method, "tuneforge_version": __version__, "steps": step,
-            "val_loss": val_loss, "train_loss": last_loss}
-    save_output(model, tokenizer, run_dir, meta)
-    tracker.log({"event": "end", "step": step, "final_val_loss": val_loss, "stopped_early": stopped_early})
-    plot_losses(run_dir)
+    meta = {"base_model": cfg.model, "method": cfg.method, "tuneforge_version": __version__, "steps": state.step,
+            "val_loss": state.val_loss, "train_loss": _json_float(state.last_loss)}
+    ckpt.save_output(model, tokenizer, run_dir, meta)
+    tracker.log({"event": "end", "step": state.step, "final_val_loss": state.val_loss, "stopped_early": stopped_early})
+    try:
+        plot_losses(run_dir)
+    except OSError as exc:  # the curve is a convenience; the weights are already safe on disk
+        log.warning("could not write the loss plot: %s", exc)
     log.info("saved %s output to %s", cfg.method, run_dir)
-    best = None if best_val == math.inf else best_val
-    return TrainResult(run_dir, step, last_loss, val_loss, best, stopped_early, model.eval())
+    return TrainResult(run_dir, state.step, state.last_loss, state.val_loss, state.best_val, stopped_early,
+                       model.eval())
 
 
 def accumulate_gradients(model, batches, device: str, autocast_dtype) -> tuple[float, int]:
@@ -151,6 +225,61 @@ def accumulate_gradients(model, batches, device: str, autocast_dtype) -> tuple[f
         loss.backward()
         step_loss += loss.item()
     return step_loss, step_targets
+
+
+def _find_resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
+    latest = ckpt.latest_checkpoint(run_dir)
+    if cfg.train.resume == "never":
+        if latest is not None:
+            raise ConfigError(
+                f"output_dir {run_dir} already holds checkpoints of an earlier run ({latest.name}); pass --resume "
+                f"(train.resume=auto) to continue it, or choose another output_dir")
+        return None
+    if latest is None:
+        log.info("no checkpoint in %s: starting from step 0", run_dir)
+        return None
+    saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8"))
+    current = cfg.to_dict()
+    for key in RESUME_MUST_MATCH:
+        before, now = _dotted(saved, key), _dotted(current, key)
+        if before != now:
+            raise ConfigError(f"resume: {key} is {now!r} but checkpoint {latest.name} was trained with {before!r}; "
+                              f"use the same {key} or another output_dir")
+    return latest
+
+
+def _restore(path: Path, model, optimizer) -> tuple[TrainerState, dict | None]:
+    loaded = ckpt.load_checkpoint(path)
+    ckpt.load_trainable_state(model, loaded["weights"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    fields = {k: v for k, v in loaded["state"].items() if k in TrainerState.__dataclass_fields__}
+    ckpt.restore_rng(loaded["rng"], loaded["state"])
+    return TrainerState(**fields), loaded["best_weights"]
+
+
+def _check_loss_spike(state: TrainerState, loss: float, t, run_dir: Path) -> None:
+    if t.loss_spike_factor > 0 and len(state.recent_losses) >= 5:
+        mean = sum(state.recent_losses) / len(state.recent_losses)
+        state.spike_steps = state.spike_steps + 1 if loss > t.loss_spike_factor * mean else 0
+        if state.spike_steps >= t.loss_spike_patience:
+            raise TrainingStopped(
+                f"stopped at step {state.step}: loss {loss:.4f} stayed above {t.loss_spike_factor}x its running mean "
+                f"{mean:.4f} for {state.spike_steps} steps; last checkpoint: "
+                f"{ckpt.latest_checkpoint(run_dir) or 'none'}")
+        if state.spike_steps:
+            return  # spiking losses do not pull the running mean up
+    state.recent_losses = (state.recent_losses + [loss])[-SPIKE_WINDOW:]
+
+
+def _dotted(tree: dict, key: str):
+    node = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tuneforge.errors import OutputWriteError
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -30,8 +32,11 @@ class Tracker:
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise OutputWriteError(f"cannot append to {self.path}: {exc.strerror or exc}") from None
 
     def step(self, loss: float, lr: float, tokens_per_s: float) -> None:
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
@@ -44,11 +49,28 @@ class Tracker:
         self.bar.close()
 
 
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """On resume: drop lines about steps after the checkpoint (the killed attempt's), so the file reads as one run."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= last_step and "event" not in r]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return records
 
 
 def plot_losses(run_dir: Path) -> Path | None:
