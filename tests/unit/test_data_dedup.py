@@ -1,0 +1,127 @@
+"""Exact and near-duplicate detection: recall and precision on planted paraphrase-level near-duplicates."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from tests.conftest import write_jsonl
+from tuneforge.data.dedup import DuplicateFinder, exact_key, jaccard, word_set
+from tuneforge.data.quality import check_files
+
+# A vocabulary with a Zipf-like use: common words are shared by many rows, as in real text.
+VOCAB = [f"{stem}{suffix}" for stem in ("pla", "mor", "ven", "ska", "tri", "lou", "den", "fa", "gri", "ho", "ju",
+                                        "ke", "ly", "mu", "no", "pe", "qua", "ru", "si", "tu")
+         for suffix in ("n", "st", "ra", "do", "ke", "mi", "lo", "ta", "ve", "rix", "sel", "bo", "cu", "dri", "fen")]
+COMMON = ["the", "a", "of", "to", "and", "in", "is", "it", "for", "on", "with", "as", "by", "at", "this"]
+
+
+def sentence(rng: random.Random, words: int) -> list[str]:
+    return [rng.choice(COMMON) if rng.random() < 0.35 else rng.choice(VOCAB) for _ in range(words)]
+
+
+def paraphrase(rng: random.Random, words: list[str]) -> list[str]:
+    """A few words changed (about 1 in 25), two clauses swapped, punctuation and case changed."""
+    words = list(words)
+    for _ in range(max(1, len(words) // 25)):
+        words[rng.randrange(len(words))] = rng.choice(VOCAB)
+    cut = rng.randrange(1, len(words) - 1)
+    words = words[cut:] + words[:cut]  # reordered clauses
+    if rng.random() < 0.5:
+        words[0] = words[0].capitalize()
+    return [w + rng.choice(["", "", ",", ";", "!"]) for w in words]
+
+
+def planted_rows(seed: int = 0, originals: int = 1200, planted: int = 200):
+    """Rows (instruction + output) where `planted` originals get one or two paraphrased copies, shuffled in."""
+    rng = random.Random(seed)
+    rows, groups = [], []
+    for k in range(originals):
+        instruction, output = sentence(rng, rng.randint(12, 25)), sentence(rng, rng.randint(20, 50))
+        members = [(instruction, output)]
+        if k < planted:
+            members += [(paraphrase(rng, instruction), paraphrase(rng, output)) for _ in range(rng.choice((1, 2)))]
+        groups.append(members)
+    order = [(g, m) for g, members in enumerate(groups) for m in range(len(members))]
+    rng.shuffle(order)
+    truth: dict[int, list[int]] = {}
+    for index, (g, m) in enumerate(order):
+        instruction, output = groups[g][m]
+        rows.append({"instruction": " ".join(instruction) + "?", "output": " ".join(output) + "."})
+        truth.setdefault(g, []).append(index)
+    return rows, [sorted(v) for v in truth.values() if len(v) > 1]
+
+
+def same_group_pairs(groups) -> set[tuple[int, int]]:
+    return {pair for g in groups for pair in itertools.combinations(sorted(g), 2)}
+
+
+def test_planted_near_duplicates_recall_and_precision(tmp_path):
+    rows, truth = planted_rows()
+    path = write_jsonl(tmp_path / "planted.jsonl", rows)
+    report = check_files([str(path)])
+    found = [[report.rows.where(i) for i in g] for g in report.duplicates.near]
+    found_pairs = same_group_pairs([[int(w.rsplit(":", 1)[1]) - 1 for w in g] for g in found])
+    true_pairs = same_group_pairs(truth)
+    recall = len(found_pairs & true_pairs) / len(true_pairs)
+    precision = len(found_pairs & true_pairs) / max(1, len(found_pairs))
+    assert len(true_pairs) >= 250
+    assert recall >= 0.95 and precision >= 0.95, (recall, precision)
+    assert not report.duplicates.exact
+
+
+def test_threshold_is_respected(tmp_path):
+    rows, truth = planted_rows(seed=1, originals=300, planted=60)
+    path = write_jsonl(tmp_path / "planted.jsonl", rows)
+    strict = check_files([str(path)], near_threshold=0.99)
+    loose = check_files([str(path)], near_threshold=0.85)
+    assert sum(map(len, strict.duplicates.near)) < sum(map(len, loose.duplicates.near))
+    for row, (_, similarity) in strict.duplicates.near_partner.items():
+        assert similarity >= 0.99
+
+
+def test_verified_similarity_is_the_exact_word_jaccard():
+    finder = DuplicateFinder(threshold=0.8)
+    texts = ["the quick brown fox jumps over the lazy dog today",
+             "The quick brown fox jumps over the lazy cat, today!",
+             "an entirely different sentence about something else"]
+    for i, text in enumerate(texts):
+        finder.add(i, text, text)
+    pairs = finder.candidates()
+    groups = finder.verify(pairs, {i: word_set(t) for i, t in enumerate(texts)})
+    assert groups.near == [[0, 1]]
+    assert groups.near_partner[1] == (0, jaccard(word_set(texts[0]), word_set(texts[1])))
+    assert groups.near_partner[1][1] == 8 / 10  # 8 shared words of 10; "dog" vs "cat", punctuation ignored
+
+
+def test_exact_duplicates_ignore_whitespace_and_case_only():
+    assert exact_key("Hello   World\n") == exact_key("hello world")
+    assert exact_key("hello world") != exact_key("hello world!")
+    finder = DuplicateFinder()
+    for i, text in enumerate(["Hello world", "hello  WORLD", "Hello world!", "hello world"]):
+        finder.add(i, text, text)
+    groups = finder.verify(finder.candidates(), {0: word_set("Hello world"), 2: word_set("Hello world!")})
+    assert groups.exact == [[0, 1, 3]]
+    assert groups.near == [[0, 2]]  # punctuation only: a near-duplicate, not an exact one
+    assert groups.dropped() == {1: ("exact", 0, None), 3: ("exact", 0, None), 2: ("near", 0, 1.0)}
+
+
+def test_a_large_bucket_of_alike_rows_still_forms_one_group(monkeypatch):
+    """Over WINDOW rows sharing bands are paired with their neighbours only, yet all of them still join up."""
+    from tuneforge.data import dedup
+
+    monkeypatch.setattr(dedup, "WINDOW", 8)
+    rng = random.Random(3)
+    base = sentence(rng, 60)
+    texts = []
+    for i in range(150):
+        words = list(base)
+        words[i % 60] = f"change{i}"
+        texts.append(" ".join(words))
+    finder = DuplicateFinder(threshold=0.9)
+    for i, text in enumerate(texts):
+        finder.add(i, text, text)
+    pairs = finder.candidates()
+    assert len(pairs) < 150 * 149 // 2
+    groups = finder.verify(pairs, {i: word_set(t) for i, t in enumerate(texts)})
+    assert groups.near == [list(range(150))]

@@ -1,0 +1,123 @@
+"""`tuneforge merge`: merged weights compute what adapter-on-base computes; unmergeable methods are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+IDS = torch.tensor([[1, 520, 9531, 198, 42, 2, 198, 1, 4093, 17, 305]])
+
+
+def make_lora_run(base_dir: Path, out: Path, method: str = "lora", seed: int = 0, **lora) -> Path:
+    """A run directory as `tuneforge train` writes it, with a random (non-zero) LoRA so outputs visibly change."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    settings = dict(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                    use_dora=method == "dora")
+    settings.update(lora)
+    model = get_peft_model(base, LoraConfig(**settings))
+    with torch.no_grad():  # scale the random B up so the adapter changes greedy answers, not just the 4th decimal
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    (out / "tuneforge.json").write_text(json.dumps({"base_model": str(base_dir), "method": method}))
+    return out
+
+
+def adapter_logits(base_dir: Path, run: Path, dequantize: bool = False) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.deploy.merge import dequantize_like_qlora, qlora_settings
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if dequantize:
+        dequantize_like_qlora(base, qlora_settings(run))
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, run).eval()(input_ids=IDS).logits
+
+
+def merged_logits(out: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_model_matches_adapter_on_base(tiny_model_dir, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.deploy.merge import merge_run
+
+    run = make_lora_run(tiny_model_dir, tmp_path / "run", method)
+    out = merge_run(run, tmp_path / "merged")
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "chat_template.jinja", "tuneforge.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("adapter_*"))  # a plain model: no PEFT needed to load it
+    expected = adapter_logits(tiny_model_dir, run)
+    assert (merged_logits(out) - expected).abs().max() < 1e-4
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(input_ids=IDS).logits
+    assert (base - expected).abs().max() > 1e-2  # the adapter really changed the model, so the merge was tested
+    meta = json.loads((out / "tuneforge.json").read_text())
+    assert meta["method"] == "full" and meta["merged_method"] == method
+
+
+def test_qlora_merges_into_the_dequantized_base(tiny_model_dir, tmp_path):
+    from tuneforge.deploy.merge import merge_run
+
+    run = make_lora_run(tiny_model_dir, tmp_path / "run", "qlora")
+    out = merge_run(run, tmp_path / "merged")
+    merged = merged_logits(out)
+    assert (merged - adapter_logits(tiny_model_dir, run, dequantize=True)).abs().max() < 1e-4
+    # ...and not into the original full-precision weights, which the adapter never saw in training.
+    assert (merged - adapter_logits(tiny_model_dir, run)).abs().max() > 1e-3
+
+
+def test_merge_dtype_bfloat16(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    from tuneforge.deploy.merge import merge_run
+
+    out = merge_run(make_lora_run(tiny_model_dir, tmp_path / "run"), tmp_path / "merged", dtype="bfloat16")
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("method", ["adapter", "prefix", "prompt", "full"])
+def test_unmergeable_methods_are_refused_in_one_line(tiny_model_dir, tmp_path, method):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tuneforge.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "method": method}))
+    result = run_cli("merge", str(run), "-o", str(tmp_path / "merged"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("tuneforge: error: ") and f"'{method}'" in result.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_cli_refuses_non_runs_and_existing_outputs(tiny_model_dir, tmp_path):
+    result = run_cli("merge", str(tiny_model_dir), "-o", str(tmp_path / "merged"))
+    assert result.returncode == 2 and "tuneforge.json" in result.stderr
+    run = make_lora_run(tiny_model_dir, tmp_path / "run")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    result = run_cli("merge", str(run), "-o", str(taken))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert (taken / "keep.txt").read_text() == "mine"
+    result = run_cli("merge", str(run), "-o", str(tmp_path / "merged"), "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
