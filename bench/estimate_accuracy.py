@@ -1,0 +1,134 @@
+"""Estimated vs measured peak memory of real `tuneforge train` runs on the embedded model (CPU, fp32).
+
+    .venv/bin/python bench/estimate_accuracy.py            # every case, a table of estimate / measured / ratio
+    .venv/bin/python bench/estimate_accuracy.py --quick    # the cases the e2e test runs
+
+Each case trains a few optimizer steps in its own Python process (tuneforge.plan.calibrate.measure_run), so its
+peak RSS growth is its own; the estimate comes from the same run file through `tuneforge estimate`'s code path.
+QLoRA cases run once `method: qlora` is in the config schema and are reported as skipped until then.
+Timings are not asserted anywhere; on a shared machine the RSS figures are stable, the tokens/s are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tuneforge.config import RunConfig, config_from_dict  # noqa: E402
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    method: str
+    batch_size: int
+    words: int  # words of prompt and of answer per row: sets the token length
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+
+
+CASES = [
+    Case("full 2x~140", "full", 2, 60),
+    Case("full 4x~280", "full", 4, 125),
+    Case("lora 2x~140", "lora", 2, 60),
+    Case("lora 4x~280", "lora", 4, 125),
+    Case("qlora 2x~140", "qlora", 2, 60),
+    Case("qlora 4x~280", "qlora", 4, 125),
+    Case("lora 4x~280 ckpt", "lora", 4, 125, gradient_checkpointing=True),
+    Case("full 2x~280 accum2", "full", 2, 125, grad_accum=2),
+]
+QUICK = ["full 2x~140", "full 4x~280", "lora 2x~140", "lora 4x~280", "qlora 2x~140", "qlora 4x~280"]
+STEPS = 3
+
+
+def method_available(method: str) -> bool:
+    return method in typing.get_args(typing.get_type_hints(RunConfig)["method"])
+
+
+def write_rows(path: Path, rows: int, words: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(rows):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(words))
+            answer = " ".join(rng.choice(WORDS) for _ in range(words))
+            f.write(json.dumps({"instruction": f"Reverse the order of these words: {prompt}", "output": answer}) + "\n")
+    return path
+
+
+def case_config(case: Case, workdir: Path) -> RunConfig:
+    data = write_rows(workdir / f"data-{case.words}.jsonl", rows=case.batch_size * case.grad_accum * STEPS,
+                      words=case.words)
+    return config_from_dict({
+        "model": "smollm2-135m-instruct",
+        "method": case.method,
+        "output_dir": str(workdir / "run"),
+        "data": {"train": str(data), "max_length": 512},
+        "train": {"batch_size": case.batch_size, "grad_accum": case.grad_accum, "max_steps": STEPS,
+                  "gradient_checkpointing": case.gradient_checkpointing, "lr": 1e-4, "dtype": "float32",
+                  "device": "cpu"},
+    })
+
+
+@dataclass
+class Result:
+    case: Case
+    estimated: int | None
+    measured: int | None
+    tokens_per_s: float | None
+    seconds: float
+    skipped: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.estimated / self.measured if self.estimated and self.measured else None
+
+
+def run_case(case: Case) -> Result:
+    from tuneforge.plan.calibrate import measure_run
+    from tuneforge.plan.estimate import data_shape_of, spec_from_config
+    from tuneforge.plan.memory import estimate_memory
+
+    if not method_available(case.method):
+        return Result(case, None, None, None, 0.0, skipped=f"method {case.method} is not in the config schema yet")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tuneforge-bench-") as tmp:
+        cfg = case_config(case, Path(tmp))
+        estimated = estimate_memory(spec_from_config(cfg, data_shape_of(cfg))).peak
+        measured = measure_run(cfg, steps=STEPS)
+    return Result(case, estimated, measured.peak_growth, measured.tokens_per_s, time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the cases the e2e test runs")
+    args = parser.parse_args()
+    cases = [c for c in CASES if not args.quick or c.name in QUICK]
+    print(f"{'case':<22} {'estimated':>10} {'measured':>10} {'ratio':>6}  tokens/s")
+    worst = 0.0
+    for case in cases:
+        r = run_case(case)
+        if r.skipped:
+            print(f"{case.name:<22} skipped: {r.skipped}")
+            continue
+        worst = max(worst, abs(r.ratio - 1))
+        print(f"{case.name:<22} {r.estimated / 2**20:8.0f}Mi {r.measured / 2**20:8.0f}Mi {r.ratio:6.2f}  "
+              f"{r.tokens_per_s or 0:.0f}", flush=True)
+    print(f"worst deviation: {worst:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""`tuneforge estimate`: peak training memory (and, with a measured throughput, time per epoch) for a run file or a
+model + method, and the pre-flight lines `tuneforge train` prints before it loads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tuneforge.config import RunConfig
+from tuneforge.errors import UserError
+from tuneforge.plan.data_shape import DataShape, measure_data
+from tuneforge.plan.memory import METHODS, MemoryEstimate, MemorySpec, estimate_memory
+
+GIB = 2**30
+
+
+def resolve_device(requested: str) -> str:
+    """Like training's `auto`, but planning for CUDA on a machine without one is allowed."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def compute_dtype(requested: str, device: str) -> str:
+    """The dtype activations are held in: the run's `train.dtype`, with `auto` decided as training decides it."""
+    if requested in ("bfloat16", "bf16"):
+        return "bf16"
+    if requested in ("float32", "fp32"):
+        return "fp32"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "bf16"  # planning for a GPU from elsewhere: every current training GPU has bf16
+    from tuneforge.model.load import native_bf16
+
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def spec_from_config(cfg: RunConfig, shape: DataShape | None = None, *, device: str | None = None,
+                     engine: str = "tuneforge", optimizer: str = "adamw") -> MemorySpec:
+    """The memory spec of a run file; with `shape`, its largest micro-batch comes from the data."""
+    if cfg.method not in METHODS:
+        raise UserError(f"estimate: method {cfg.method!r} is not modelled yet (modelled: {', '.join(METHODS)})")
+    device = resolve_device(device or cfg.train.device)
+    batch = cfg.train.batch_size
+    if shape is not None and shape.num_examples:
+        lengths, targets = shape.largest_micro_batch(batch)
+    else:
+        lengths, targets = (cfg.data.max_length,) * batch, None
+    lora = cfg.lora
+    qlora = getattr(cfg, "qlora", None)  # the qlora section arrives with method: qlora
+    return MemorySpec(
+        model=cfg.model,
+        method=cfg.method,
+        lora_r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules),
+        example_lengths=tuple(lengths),
+        target_tokens=None if cfg.data.train_on_prompt else targets,
+        grad_accum=cfg.train.grad_accum,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        optimizer=optimizer,
+        engine=engine,
+        compute_dtype=compute_dtype(cfg.train.dtype, device),
+        double_quant=bool(getattr(qlora, "double_quant", True)),
+        packing=cfg.data.packing,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def data_shape_of(cfg: RunConfig) -> DataShape | None:
+    if cfg.data.train is None:
+        return None
+    return measure_data(cfg.data, cfg.model, cfg.train.seed, cfg.trust_remote_code)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Time
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    tokens_per_epoch: int
+    tokens_per_s: float
+    epochs: int
+    source: str  # where the throughput came from
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.tokens_per_epoch / self.tokens_per_s
+
+    def summary(self) -> str:
+        total = self.seconds_per_epoch * self.epochs
+        return (f"time: {self.tokens_per_epoch:,} tokens an epoch at {self.tokens_per_s:,.0f} tokens/s "
+                f"({self.source}) = {format_duration(self.seconds_per_epoch)} an epoch, "
+                f"{format_duration(total)} for {self.epochs} epoch{'s' if self.epochs != 1 else ''}")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def format_estimate(est: MemoryEstimate, shape: DataShape | None = None) -> str:
+    spec, params = est.spec, est.params
+    method = spec.method
+    if spec.peft:
+        targets = spec.target_modules if isinstance(spec.target_modules, str) else ",".join(spec.target_modules)
+        method += f" r={spec.lora_r} ({targets})"
+        if spec.method == "qlora":
+            method += f", NF4 {'with' if spec.double_quant else 'without'} double quantization"
+    lengths = spec.example_lengths
+    layout = (f"{len(lengths)} x {lengths[0]}" if len(set(lengths)) == 1 else
+              f"{len(lengths)} examples, {sum(lengths):,}")
+    lines = [
+        f"estimate: {spec.model}, {method}, {layout} tokens a micro-batch"
+        f"{', gradient checkpointing' if spec.gradient_checkpointing else ''}, {spec.compute_dtype} activations, "
+        f"{spec.optimizer}, engine {spec.engine}, {spec.device}",
+        f"parameters: {params.total:,} (linear {params.linear:,}, embedding {params.embedding:,}, "
+        f"head {params.lm_head:,}, other {params.other:,}); trainable {est.trainable_params:,} "
+        f"({100 * est.trainable_params / params.total:.4f}%)",
+    ]
+    if shape is not None:
+        lines.append(f"data: {shape.summary()}")
+    lines.append("")
+    width = max(len(c.name) for c in est.components)
+    for c in est.components:
+        lines.append(f"  {c.name:<{width}}  {c.bytes / GIB:9.3f} GiB  {c.note}")
+    lines.append(f"  {'peak':<{width}}  {est.peak / GIB:9.3f} GiB  at the {est.peak_phase} "
+                 f"(end of forward {est.forward_peak / GIB:.3f} GiB, optimizer step {est.step_peak / GIB:.3f} GiB, "
+                 f"+ overhead)")
+    for note in est.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pre-flight: what `tuneforge train` prints before loading the model.
+
+
+def available_memory(device: str) -> tuple[int | None, str]:
+    """(bytes available for training, what they are): free GPU memory on CUDA, else the kernel's MemAvailable."""
+    if device == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return int(free), f"free memory on {torch.cuda.get_device_name()}"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "RAM available"
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "RAM available"
+    except ImportError:
+        return None, "RAM available (unknown on this system)"
+
+
+def preflight(cfg: RunConfig, num_examples: int | None, max_tokens_per_example: int | None) -> str:
+    """Lines for `tuneforge train` to print before it loads the model: the estimated peak by component, and a
+    warning line when it exceeds the memory available (GPU memory, or RAM on CPU)."""
+    if cfg.method not in METHODS:
+        return f"memory estimate: not modelled for method {cfg.method} yet"
+    longest = max_tokens_per_example or cfg.data.max_length
+    per_batch = min(cfg.train.batch_size, num_examples) if num_examples else cfg.train.batch_size
+    spec = dataclasses.replace(spec_from_config(cfg), example_lengths=(longest,) * max(1, per_batch),
+                               target_tokens=None)
+    est = estimate_memory(spec)
+    parts = [("weights", est.component("base weights") + est.component("trainable params")
+              + est.component("fp32 master copy")),
+             ("gradients", est.component("gradients")), ("optimizer", est.component("optimizer states")),
+             ("activations", est.component("activations") + est.component("backward working set")),
+             ("loss", est.component("logits / loss buffers"))]
+    detail = ", ".join(f"{name} {nbytes / GIB:.2f}" for name, nbytes in parts)
+    available, what = available_memory(spec.device)
+    avail_text = f"; {available / GIB:.1f} GiB {what}" if available is not None else ""
+    lines = [f"memory estimate: peak {est.peak / GIB:.2f} GiB at the {est.peak_phase} ({detail} GiB; "
+             f"{per_batch} x {longest} tokens a micro-batch){avail_text}"]
+    if available is not None and est.peak > available:
+        lines.append(f"warning: the estimated peak ({est.peak / GIB:.1f} GiB) exceeds the {available / GIB:.1f} GiB "
+                     f"{what}; {_how_to_fit(cfg)}")
+    return "\n".join(lines)
+
+
+def _how_to_fit(cfg: RunConfig) -> str:
+    ideas = []
+    if not cfg.train.gradient_checkpointing:
+        ideas.append("train.gradient_checkpointing=true")
+    if cfg.train.batch_size > 1:
+        ideas.append(f"a smaller train.batch_size with a larger train.grad_accum")
+    if cfg.method == "full":
+        ideas.append("method=lora")
+    elif cfg.method == "lora":
+        ideas.append("method=qlora")
+    ideas.append("see `tuneforge estimate` for the breakdown")
+    return "try " + ", ".join(ideas)
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / GIB
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else math.inf

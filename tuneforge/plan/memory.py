@@ -1,0 +1,321 @@
+"""Peak training memory, by component, for a model known only by its architecture config.
+
+Two engines, because how a loop trains changes the answer:
+
+- `tuneforge`: what `tuneforge train` does. Weights are held in fp32 (bf16 autocast where the hardware has it);
+  examples are packed padding-free; the LM head and cross-entropy run only at answer positions, in chunks of
+  `CHUNK_ELEMENTS` logits (tuneforge/train/loss.py), so no [tokens, vocab] tensor exists; AdamW is torch's
+  `foreach` implementation, whose step allocates one temporary the size of the trainable parameters.
+- `hf`: the standard Hugging Face setup the guide's tables assume. Full fine-tuning in mixed precision (16-bit
+  weights and gradients, an fp32 master copy and fp32 Adam moments: 16 bytes a parameter); LoRA on a bf16 base;
+  QLoRA with the non-quantized parameters cast to fp32 (PEFT's `prepare_model_for_kbit_training`); logits for every
+  position, upcast to fp32 for the loss; a fused optimizer step without temporaries.
+
+The peak is the larger of two moments: the end of a forward pass (weights, optimizer state, every saved activation,
+the loss buffers and backward's first working set; gradients too when they are accumulated across micro-batches)
+and the optimizer step (weights, gradients, optimizer state, the step's temporaries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tuneforge.errors import UserError
+from tuneforge.plan.activations import ActivationCount, count_saved_activations
+from tuneforge.plan.architectures import ParameterCounts, count_parameters, load_architecture, meta_model
+
+METHODS = ("full", "lora", "qlora", "dora")
+ENGINES = ("tuneforge", "hf")
+OPTIMIZERS = ("adamw", "adamw8bit")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# bitsandbytes 4-bit (NF4/FP4): one absmax per block of 64 weights. Without double quantization the absmax is fp32
+# (32/64 = 0.5 bits a weight); with it the absmax is 8-bit plus one fp32 constant per 256 blocks
+# (8/64 + 32/(64*256) = 0.127 bits) -- the figures of the QLoRA paper, section 3.
+QUANT_BLOCK = 64
+DOUBLE_QUANT_BLOCK = 256
+# bitsandbytes 8-bit optimizers: two uint8 states with an fp32 absmax per 256 values; tensors under 4096 values
+# keep 32-bit states (its `min_8bit_size`).
+OPTIM8_BLOCK = 256
+OPTIM8_MIN_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """What is being trained, on what, and how: everything the estimate depends on."""
+
+    model: str
+    method: str = "lora"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+    example_lengths: tuple[int, ...] = (512,)  # token counts of the examples in the largest micro-batch
+    target_tokens: int | None = None  # answer tokens in that micro-batch; None = every position
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    engine: str = "tuneforge"
+    compute_dtype: str = "fp32"  # the dtype activations are held in
+    double_quant: bool = True
+    packing: bool = True
+    device: str = "cpu"  # what the overhead line assumes: "cpu" (RSS) or "cuda"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        for key, value, allowed in (("method", self.method, METHODS), ("engine", self.engine, ENGINES),
+                                    ("optimizer", self.optimizer, OPTIMIZERS),
+                                    ("compute dtype", self.compute_dtype, tuple(DTYPE_BYTES))):
+            if value not in allowed:
+                raise UserError(f"{key}: got {value!r}, allowed: {', '.join(allowed)}")
+        if not self.example_lengths or min(self.example_lengths) < 1:
+            raise UserError(f"sequence lengths must be >= 1 token, got {list(self.example_lengths)}")
+        if self.lora_r < 1:
+            raise UserError(f"lora r: got {self.lora_r}, must be >= 1")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the largest micro-batch as laid out in memory (padded to the longest unless packed)."""
+        if self.packing:
+            return sum(self.example_lengths)
+        return len(self.example_lengths) * max(self.example_lengths)
+
+    @property
+    def peft(self) -> bool:
+        return self.method != "full"
+
+
+@dataclass
+class Component:
+    name: str
+    bytes: int
+    note: str
+
+
+@dataclass
+class MemoryEstimate:
+    spec: MemorySpec
+    params: ParameterCounts
+    trainable_params: int
+    components: list[Component]
+    forward_peak: int
+    step_peak: int
+    overhead: int
+    activations: ActivationCount
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(self.forward_peak, self.step_peak) + self.overhead
+
+    @property
+    def peak_phase(self) -> str:
+        return "end of forward" if self.forward_peak >= self.step_peak else "optimizer step"
+
+    def component(self, name: str) -> int:
+        return sum(c.bytes for c in self.components if c.name == name)
+
+
+def estimate_memory(spec: MemorySpec) -> MemoryEstimate:
+    config = load_architecture(spec.model, spec.trust_remote_code)
+    act_dtype = TORCH_DTYPES[spec.compute_dtype]
+    model = meta_model(config, dtype=act_dtype, attn_implementation=_packed_attention(),
+                       trust_remote_code=spec.trust_remote_code)
+    params = count_parameters(model)  # before adapters wrap the linear layers
+    trained = _with_adapters(model, spec)
+    trainable_tensors = _trainable_sizes(trained)
+    trainable = sum(trainable_tensors)
+    activations = _activations(trained, spec)
+    hidden = _hidden_size(config, model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    act_bytes = DTYPE_BYTES[spec.compute_dtype]
+
+    comps: list[Component] = []
+    add = lambda name, nbytes, note: comps.append(Component(name, int(nbytes), note))  # noqa: E731
+    weights, weight_note = _base_weights(spec, params)
+    add("base weights", weights, weight_note)
+    if spec.peft:
+        add("trainable params", 4 * trainable, f"{trainable:,} adapter parameters in fp32")
+    if spec.engine == "hf" and not spec.peft:
+        add("fp32 master copy", 4 * trainable, "mixed precision keeps fp32 weights for the update")
+    grad_bytes = 2 if (spec.engine == "hf" and not spec.peft) else 4
+    add("gradients", grad_bytes * trainable, f"{grad_bytes} bytes per trainable parameter")
+    optimizer_bytes, optimizer_note = _optimizer_states(spec, trainable_tensors)
+    add("optimizer states", optimizer_bytes, optimizer_note)
+    step_temp = 4 * trainable if (spec.engine == "tuneforge" and spec.optimizer == "adamw") else 0
+    add("optimizer step temporaries", step_temp,
+        "torch foreach AdamW builds sqrt(v) for every parameter at once" if step_temp else "fused step: none")
+    saved = activations.with_checkpointing if spec.gradient_checkpointing else activations.total
+    ckpt = "with" if spec.gradient_checkpointing else "without"
+    add("activations", saved, f"saved for backward, {ckpt} checkpointing, {spec.tokens:,} tokens a micro-batch "
+        f"(without: {_gib(activations.total)}, with: {_gib(activations.with_checkpointing)})")
+    logits, logits_note = _loss_buffers(spec, hidden, vocab, act_bytes)
+    add("logits / loss buffers", logits, logits_note)
+    # Backward's first steps hold the gradients of one layer's activations beside everything still saved.
+    add("backward working set", activations.largest_layer, "about one decoder layer's activations")
+
+    get = lambda name: sum(c.bytes for c in comps if c.name == name)  # noqa: E731
+    resident = get("base weights") + get("trainable params") + get("fp32 master copy") + get("optimizer states")
+    forward_peak = resident + get("activations") + get("logits / loss buffers") + get("backward working set")
+    if spec.grad_accum > 1:  # gradients of earlier micro-batches are alive during the next forward
+        forward_peak += get("gradients")
+    step_peak = resident + get("gradients") + get("optimizer step temporaries")
+    overhead, overhead_note = _overhead(spec, max(forward_peak, step_peak))
+    comps.append(Component("overhead", overhead, overhead_note))
+    notes = []
+    if spec.method == "qlora" and spec.engine == "tuneforge":
+        notes.append("QLoRA activations counted as LoRA's on a base in the compute dtype (a 4-bit layer saves no "
+                     "input, like a frozen one); the dequantized weight of one layer is a transient on top")
+    if spec.compute_dtype == "bf16" and spec.engine == "tuneforge":
+        notes.append("bf16 autocast counted as bf16 activations (norms and the residual stream stay fp32 in "
+                     "practice, so this may read a little low)")
+    return MemoryEstimate(spec, params, trainable, comps, forward_peak, step_peak, overhead, activations, notes)
+
+
+def _packed_attention() -> str:
+    from tuneforge.model.attention import PACKED_ATTENTION  # registering it is a side effect of the import
+
+    return PACKED_ATTENTION
+
+
+def _hidden_size(config, model) -> int:
+    return model.get_output_embeddings().weight.shape[1]
+
+
+def _peft_config(spec: MemorySpec):
+    from peft import LoraConfig
+
+    targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    # The same adapter `tuneforge.model.methods` builds (a unit test holds the two to the same parameter count).
+    return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM", use_dora=spec.method == "dora")
+
+
+def _with_adapters(model: torch.nn.Module, spec: MemorySpec) -> torch.nn.Module:
+    """The model as training sees it: itself for full fine-tuning, wrapped by PEFT adapters (on meta) otherwise."""
+    if not spec.peft:
+        return model
+    from peft import get_peft_model
+
+    targets = spec.target_modules
+    if not isinstance(targets, str):
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise UserError(f"lora target_modules: {', '.join(missing)} not found in {spec.model}")
+    return get_peft_model(model, _peft_config(spec), low_cpu_mem_usage=True)
+
+
+def _trainable_sizes(model: torch.nn.Module) -> list[int]:
+    """numel of every trainable tensor, tied weights once."""
+    seen: set[int] = set()
+    sizes = []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            sizes.append(p.numel())
+    return sizes
+
+
+def _activations(model: torch.nn.Module, spec: MemorySpec) -> ActivationCount:
+    """Count what a training forward pass of the body saves, laid out as the engine lays the micro-batch out."""
+    model.train()  # dropout (LoRA's keeps a copy of its input) behaves as in training
+    body = model.get_decoder()
+    if spec.engine == "tuneforge" and spec.packing:
+        lengths = list(spec.example_lengths)
+    else:  # padded rows: every example as long as the longest (hf pads; so does tuneforge without packing)
+        lengths = [max(spec.example_lengths)] * len(spec.example_lengths)
+    total = sum(lengths)
+    bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)  # read on the host, as in training
+    ids = torch.zeros(1, total, dtype=torch.long, device="meta")
+    positions = torch.zeros(1, total, dtype=torch.long, device="meta")
+    needs_input_grad = spec.gradient_checkpointing and spec.peft  # enable_input_require_grads in the loop
+
+    def call():
+        embeds = body.get_input_embeddings()(ids)
+        if needs_input_grad:
+            embeds.requires_grad_(True)
+        body(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+             cu_seq_lens_q=bounds, cu_seq_lens_k=bounds)
+
+    try:
+        return count_saved_activations(model, call)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        raise UserError(f"model: cannot trace a {type(model).__name__} forward pass on the meta device to count "
+                        f"activations ({str(exc).splitlines()[0]})") from None
+
+
+def _base_weights(spec: MemorySpec, params: ParameterCounts) -> tuple[int, str]:
+    if spec.method == "qlora":
+        per_block = (1 + 4 / DOUBLE_QUANT_BLOCK) if spec.double_quant else 4  # bytes of constants per 64 weights
+        packed = sum((n + 1) // 2 for n in params.linear_tensors)
+        constants = sum(math.ceil(n / QUANT_BLOCK) * per_block for n in params.linear_tensors)
+        constants += len(params.linear_tensors) * (256 * 4 if spec.double_quant else 0)  # 8-bit code tables
+        rest = 4 * params.unquantized
+        bits = 8 * (packed + constants) / max(1, params.linear)
+        dq = "with" if spec.double_quant else "without"
+        return int(packed + constants + rest), (
+            f"{params.linear:,} linear weights in 4-bit ({bits:.3f} bits each, {dq} double quantization: "
+            f"{_gib(packed + constants)}) + {params.unquantized:,} others in fp32 ({_gib(rest)})")
+    if spec.engine == "tuneforge":
+        return 4 * params.total, f"{params.total:,} parameters in fp32 (tuneforge holds weights in fp32)"
+    return 2 * params.total, f"{params.total:,} parameters in bf16"
+
+
+def _optimizer_states(spec: MemorySpec, trainable_tensors: list[int]) -> tuple[int, str]:
+    if spec.optimizer == "adamw":
+        return 8 * sum(trainable_tensors), "AdamW: two fp32 moments per trainable parameter"
+    total = 0
+    for n in trainable_tensors:
+        if n < OPTIM8_MIN_SIZE:
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * math.ceil(n / OPTIM8_BLOCK)
+    return total, "8-bit AdamW: two uint8 moments + an fp32 absmax per 256 values (small tensors stay 32-bit)"
+
+
+def _loss_buffers(spec: MemorySpec, hidden: int, vocab: int, act_bytes: int) -> tuple[int, str]:
+    targets = spec.target_tokens if spec.target_tokens is not None else spec.tokens
+    if spec.engine == "tuneforge":
+        from tuneforge.train.loss import CHUNK_ELEMENTS  # the loop's chunk size: one source of truth
+
+        rows = min(targets, max(16, CHUNK_ELEMENTS // vocab))
+        nbytes = rows * vocab * 4 + 2 * targets * hidden * act_bytes
+        note = (f"answer positions only: {targets:,} gathered hidden rows and their gradient, "
+                f"one chunk of {rows:,} x {vocab:,} fp32 logits")
+        if not spec.peft:  # the head trains: its fp32 gradient and one chunk's product are built in the same pass
+            nbytes += 2 * vocab * hidden * 4
+            note += ", the head's gradient"
+        return nbytes, note
+    positions = spec.tokens
+    per = act_bytes + 4 + 4 if act_bytes < 4 else 4 + 4
+    return positions * vocab * per, (f"[{positions:,} x {vocab:,}] logits for every position: {per} bytes each "
+                                     "(the logits, their fp32 upcast when 16-bit, the log-softmax kept for backward)")
+
+
+# Measured on a 2-core CPU (bench/estimate_accuracy.py): a tuneforge run's RSS also holds the tokenizer, the
+# tokenized data, the run's bookkeeping and allocator slack.
+CPU_OVERHEAD_BYTES = 200 * 2**20
+# On CUDA: the CUDA context and cuBLAS workspaces (outside PyTorch's allocator) and allocator fragmentation.
+CUDA_OVERHEAD_BYTES = 2**30
+OVERHEAD_FRACTION = 0.05
+
+
+def _overhead(spec: MemorySpec, peak: int) -> tuple[int, str]:
+    fixed = CUDA_OVERHEAD_BYTES if spec.device == "cuda" else CPU_OVERHEAD_BYTES
+    what = "CUDA context and allocator" if spec.device == "cuda" else "tokenizer, data, runtime"
+    return int(fixed + OVERHEAD_FRACTION * peak), f"{_gib(fixed)} fixed ({what}) + {OVERHEAD_FRACTION:.0%} slack"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def replace(spec: MemorySpec, **changes) -> MemorySpec:
+    return dataclasses.replace(spec, **changes)

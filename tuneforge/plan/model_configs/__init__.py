@@ -1,0 +1,1 @@
+"""Bundled architecture configs (Hugging Face `config.json` shape fields) so estimates work offline."""
