@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from tests.conftest import run_cli, write_jsonl
+from tests.conftest import ROOT, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.data.prepare import read_raw
 from tuneforge.errors import ConfigError, DataError
@@ -27,12 +31,22 @@ def test_train_fails_on_a_broken_line_before_loading_any_model(tmp_path):
     # about the model. It must be about the data, naming file and line, with exit code 2 and no run directory.
     run_file = tmp_path / "run.yaml"
     run_file.write_text(f"model: {tmp_path / 'no-such-model'}\ndata:\n  train: {path}\noutput_dir: {tmp_path / 'run'}\n")
-    result = run_cli("train", "--quiet", str(run_file))
-    assert result.returncode == 2
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    # -X importtime lists every module the process imports (on stderr): torch must not be among them, which proves
+    # that no model (nor tokenizer) was loaded.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "tuneforge", "train", "--quiet", str(run_file)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"tuneforge: error: {path}:3: malformed JSON"), result.stderr
+    assert error.startswith(f"tuneforge: error: {path}:3: malformed JSON"), result.stderr[-2000:]
     assert "and 1 more bad rows, at 5" in error and "model" not in error.split("data check")[0]
     assert not (tmp_path / "run").exists()
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "tuneforge.data.formats" in imported  # the import log is there...
+    assert not {"torch", "transformers.modeling_utils", "tuneforge.model.load"} & imported  # ...and no model stack
+    assert wall < 5.0, f"took {wall:.1f} s"  # the bound; it takes about 1.5 s on a 2-core CPU
 
 
 def test_on_error_fail_names_the_first_bad_row_and_the_count(tmp_path):

@@ -16,7 +16,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.model)
     report = check_files(args.files, tokenizer, args.model, args.max_length, args.by, args.near_dup_threshold,
                          args.balance_ratio, args.min_answer_tokens, args.format)
-    if args.plot and report.lengths is not None and len(report.lengths):
+    plotted = bool(args.plot and report.lengths is not None and len(report.lengths))
+    if plotted:
         plot_histogram(report.lengths, args.max_length, args.plot,
                        f"{len(report.lengths):,} rows, {args.model} tokens")
     if args.json:
@@ -25,7 +26,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(report.render(show=args.show))
         if args.plot:
-            print(f"length histogram: {args.plot}")
+            print(f"length histogram: {args.plot}" if plotted else f"length histogram: not written ({args.plot}): "
+                  "no valid rows to measure")
     return report.exit_code
 
 
@@ -75,7 +77,7 @@ def add_parsers(sub) -> None:
 
     def common(p, model_help: str) -> None:
         p.add_argument("--model", default=EMBEDDED_MODEL, help=model_help)
-        p.add_argument("--max-length", type=int, default=defaults.max_length,
+        p.add_argument("--max-length", type=_positive_int, default=defaults.max_length,
                        help=f"token budget per row, as data.max_length (default {defaults.max_length})")
         p.add_argument("--near-dup-threshold", type=_fraction, default=_near_default(),
                        help="word-set Jaccard at or above which two rows are near-duplicates (default %(default)s)")
@@ -88,13 +90,13 @@ def add_parsers(sub) -> None:
     p.add_argument("files", nargs="+", help="data files (.jsonl, .json, .csv, .parquet, saved dataset dirs)")
     common(p, "tokenizer whose token lengths are reported (default: the embedded model)")
     p.add_argument("--by", help="a field to count rows by, e.g. category (balance report)")
-    p.add_argument("--balance-ratio", type=float, default=_quality("BALANCE_RATIO"),
+    p.add_argument("--balance-ratio", type=_ratio, default=_quality("BALANCE_RATIO"),
                    help="warn when the largest --by class is over this multiple of the smallest (default %(default)s)")
-    p.add_argument("--min-answer-tokens", type=int, default=_quality("MIN_ANSWER_TOKENS"),
+    p.add_argument("--min-answer-tokens", type=_positive_int, default=_quality("MIN_ANSWER_TOKENS"),
                    help="flag answers shorter than this (default %(default)s)")
     p.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     p.add_argument("--plot", metavar="OUT.png", help="write the token-length histogram as a PNG")
-    p.add_argument("--show", type=int, default=50, help="rows listed per section in the text report (default 50)")
+    p.add_argument("--show", type=_positive_int, default=50, help="rows listed per section in the text report (default 50)")
     p.set_defaults(func=cmd_check)
 
     p = verbs.add_parser("clean", help="write a copy without bad rows and with one row per duplicate group")
@@ -121,10 +123,31 @@ def add_parsers(sub) -> None:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = _number(text, float)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1 (largest class / smallest), got {text}")
+    return value
+
+
+def _number(text: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a {'whole number' if kind is int else 'number'}: {text!r}") from None
 
 
 def _near_default() -> float:

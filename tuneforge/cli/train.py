@@ -8,8 +8,8 @@ from tuneforge.errors import UserError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tuneforge.config import describe_schema, load_config
-    from tuneforge.train.loop import train
+    from tuneforge.config import describe_schema, load_config, validate_for_training
+    from tuneforge.data.prepare import read_raw
 
     if args.help_config:
         print(describe_schema())
@@ -18,7 +18,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("train: give a run file, e.g. tuneforge train configs/demo.yaml")
     overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    result = train(cfg, show_progress=not args.quiet)
+    # Config and data are checked before torch and transformers are even imported (seconds of startup): a broken
+    # row fails at once. The loop trains on the rows read here.
+    validate_for_training(cfg)
+    rows = read_raw(cfg.data, cfg.train.seed)
+    from tuneforge.train.loop import train
+
+    result = train(cfg, show_progress=not args.quiet, rows=rows)
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"done: {result.steps} steps, train_loss {result.train_loss:.4f}{val} -> {result.run_dir}")
     return 0

@@ -17,16 +17,32 @@ class atomic_text_writer:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the result should look like any new file
         self.fh = os.fdopen(fd, "w", encoding="utf-8")
         return self.fh
 
     def __exit__(self, exc_type, exc, tb):
-        self.fh.close()
+        try:
+            if exc_type is None:
+                # On disk before the rename: otherwise a crash just after it could leave an empty file at `path`.
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+        except BaseException:  # the write itself failed at the end (a full disk shows up here): keep `path` as it was
+            self.fh.close()
+            os.unlink(self.tmp)
+            raise
         if exc_type is None:
             os.replace(self.tmp, self.path)
         else:
             os.unlink(self.tmp)
         return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

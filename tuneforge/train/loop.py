@@ -25,6 +25,7 @@ import yaml
 from tuneforge import __version__
 from tuneforge.config import RunConfig, validate_for_training
 from tuneforge.data.batching import collate, epoch_steps, steps_per_epoch
+from tuneforge.data.formats import Example
 from tuneforge.data.prepare import read_raw, tokenize_data
 from tuneforge.errors import ConfigError, Preempted, TrainingStopped
 from tuneforge.model.attention import use_packed_attention, use_standard_attention
@@ -72,10 +73,13 @@ class TrainResult:
     model: torch.nn.Module  # the trained model in memory (what was saved)
 
 
-def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
+def train(cfg: RunConfig, show_progress: bool = True,
+          rows: tuple[list[Example], list[Example]] | None = None) -> TrainResult:
+    """`rows`: train and validation rows the caller already read with `read_raw` (the CLI does, before torch is
+    imported); read here otherwise."""
     validate_for_training(cfg)
     # Data first: a broken row fails in seconds, before the model is loaded.
-    train_rows, val_rows = read_raw(cfg.data, cfg.train.seed)
+    train_rows, val_rows = rows if rows is not None else read_raw(cfg.data, cfg.train.seed)
     run_dir = Path(cfg.output_dir)
     resume_from = _find_resume_point(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
