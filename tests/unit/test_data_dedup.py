@@ -32,24 +32,44 @@ def paraphrase(rng: random.Random, words: list[str]) -> list[str]:
     return [w + rng.choice(["", "", ",", ";", "!"]) for w in words]
 
 
-def planted_rows(seed: int = 0, originals: int = 1200, planted: int = 200):
-    """Rows (instruction + output) where `planted` originals get one or two paraphrased copies, shuffled in."""
+def rewrite(rng: random.Random, words: list[str], share: float) -> list[str]:
+    """A related but different row: `share` of the words replaced (a hard negative at 20%: word Jaccard 0.6-0.8)."""
+    words = list(words)
+    for k in rng.sample(range(len(words)), round(len(words) * share)):
+        words[k] = rng.choice(VOCAB)
+    return words
+
+
+def planted_rows(seed: int = 0, originals: int = 1200, planted: int = 200, near_misses: int = 150,
+                 siblings: int = 100):
+    """Rows (instruction + output), shuffled, and the true near-duplicate groups. The first `planted` originals get
+    one or two paraphrased copies (true near-duplicates); the next `near_misses` get a rewrite with a fifth of the
+    words replaced, and the next `siblings` a row with the same instruction but another answer (as templated data
+    has): related rows that are NOT duplicates, there so that precision is measured on hard cases. Returns the rows,
+    the true groups (row indices) and the hard negative pairs."""
     rng = random.Random(seed)
-    rows, groups = [], []
+    groups: list[list[tuple[list[str], list[str]]]] = []
+    related: list[tuple[int, int]] = []  # (group of an original, group of its near miss or sibling)
     for k in range(originals):
         instruction, output = sentence(rng, rng.randint(12, 25)), sentence(rng, rng.randint(20, 50))
-        members = [(instruction, output)]
+        groups.append([(instruction, output)])
         if k < planted:
-            members += [(paraphrase(rng, instruction), paraphrase(rng, output)) for _ in range(rng.choice((1, 2)))]
-        groups.append(members)
+            groups[-1] += [(paraphrase(rng, instruction), paraphrase(rng, output)) for _ in range(rng.choice((1, 2)))]
+        elif k < planted + near_misses:
+            groups.append([(rewrite(rng, instruction, 0.2), rewrite(rng, output, 0.2))])
+            related.append((len(groups) - 2, len(groups) - 1))
+        elif k < planted + near_misses + siblings:
+            groups.append([(instruction, sentence(rng, rng.randint(20, 50)))])
+            related.append((len(groups) - 2, len(groups) - 1))
     order = [(g, m) for g, members in enumerate(groups) for m in range(len(members))]
     rng.shuffle(order)
-    truth: dict[int, list[int]] = {}
+    rows, truth = [], {}
     for index, (g, m) in enumerate(order):
         instruction, output = groups[g][m]
         rows.append({"instruction": " ".join(instruction) + "?", "output": " ".join(output) + "."})
         truth.setdefault(g, []).append(index)
-    return rows, [sorted(v) for v in truth.values() if len(v) > 1]
+    hard_negatives = [tuple(sorted((truth[a][0], truth[b][0]))) for a, b in related]
+    return rows, [sorted(v) for v in truth.values() if len(v) > 1], hard_negatives
 
 
 def same_group_pairs(groups) -> set[tuple[int, int]]:
@@ -57,7 +77,7 @@ def same_group_pairs(groups) -> set[tuple[int, int]]:
 
 
 def test_planted_near_duplicates_recall_and_precision(tmp_path):
-    rows, truth = planted_rows()
+    rows, truth, hard_negatives = planted_rows()
     path = write_jsonl(tmp_path / "planted.jsonl", rows)
     report = check_files([str(path)])
     found = [[report.rows.where(i) for i in g] for g in report.duplicates.near]
@@ -68,10 +88,26 @@ def test_planted_near_duplicates_recall_and_precision(tmp_path):
     assert len(true_pairs) >= 250
     assert recall >= 0.95 and precision >= 0.95, (recall, precision)
     assert not report.duplicates.exact
+    assert not found_pairs & set(hard_negatives)
+
+
+def test_the_planted_set_is_hard_where_it_should_be():
+    """What the recall/precision test relies on: paraphrases stay near their original (most at >= 0.85 word
+    Jaccard), while near misses and siblings are related to theirs (far above unrelated rows) yet below 0.85."""
+    rows, truth, hard_negatives = planted_rows()
+    text = [word_set(r["instruction"] + " " + r["output"]) for r in rows]
+    similar = [jaccard(text[i], text[j]) for g in truth for i, j in itertools.combinations(g, 2)]
+    assert sum(s >= 0.85 for s in similar) / len(similar) >= 0.9 and min(similar) >= 0.75
+    related = [jaccard(text[i], text[j]) for i, j in hard_negatives]
+    near_misses, siblings = related[:150], related[150:]
+    # Near misses at 0.55-0.85: LSH makes candidates of many of them (a pair at 0.7 with probability 0.6), so it is
+    # the exact-Jaccard verification that must keep them apart.
+    assert len(siblings) == 100 and min(near_misses) >= 0.55 and max(related) < 0.85
+    assert sum(siblings) / len(siblings) > 0.3  # unrelated rows of this vocabulary: about 0.15
 
 
 def test_threshold_is_respected(tmp_path):
-    rows, truth = planted_rows(seed=1, originals=300, planted=60)
+    rows, _, _ = planted_rows(seed=1, originals=300, planted=60)
     path = write_jsonl(tmp_path / "planted.jsonl", rows)
     strict = check_files([str(path)], near_threshold=0.99)
     loose = check_files([str(path)], near_threshold=0.85)
@@ -125,3 +161,28 @@ def test_a_large_bucket_of_alike_rows_still_forms_one_group(monkeypatch):
     assert len(pairs) < 150 * 149 // 2
     groups = finder.verify(pairs, {i: word_set(t) for i, t in enumerate(texts)})
     assert groups.near == [list(range(150))]
+
+
+def test_candidate_pairs_equal_datasketch_minhash_lsh_with_the_same_bands():
+    """Our band index is datasketch's `MinHashLSH` banding, kept in sorted arrays for memory: on the same
+    signatures with the same 16 bands of 8 rows it must propose exactly the pairs `MinHashLSH.query` returns."""
+    import xxhash
+    from datasketch import MinHash, MinHashLSH
+
+    from tuneforge.data import dedup
+
+    rows, _, _ = planted_rows(seed=2, originals=400, planted=80, near_misses=80, siblings=40)
+    texts = [r["instruction"] + " " + r["output"] for r in rows]
+    finder = DuplicateFinder()
+    lsh = MinHashLSH(threshold=0.85, num_perm=dedup.NUM_PERM, params=(dedup.BANDS, dedup.ROWS_PER_BAND))
+    signatures = []
+    for i, text in enumerate(texts):
+        finder.add(i, text, text)
+        signature = MinHash(num_perm=dedup.NUM_PERM, hashfunc=xxhash.xxh32_intdigest)
+        signature.update_batch([w.encode("utf-8") for w in word_set(text)])
+        lsh.insert(i, signature)
+        signatures.append(signature)
+    theirs = {(min(i, j), max(i, j)) for i, signature in enumerate(signatures) for j in lsh.query(signature) if j != i}
+    ours = {tuple(pair) for pair in finder.candidates().tolist()}
+    assert len(theirs) > 150  # the planted pairs and many of the near misses
+    assert ours == theirs
