@@ -9,6 +9,8 @@ no lock.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 import traceback
@@ -175,9 +177,17 @@ class Engine:
         extra = {}
         if hasattr(model, "peft_config"):
             extra["adapter_names"] = [row.job.adapter or BASE_ROW for row in rows]
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, **extra)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        extra[_cache_keyword(type(base))] = cache
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes); we accept both releases.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class _Row:

@@ -218,8 +218,8 @@ def _add_tensor(writer, gguf, name: str, data: np.ndarray, quant: str) -> None:
     except gguf.QuantError:  # rows not a multiple of the 32-value Q8_0 block
         qtype = gguf.GGMLQuantizationType.F16
         packed = gguf.quants.quantize(data, qtype)
-    shape = gguf.quant_shape_from_byte_shape(packed.shape, qtype) if packed.dtype == np.uint8 else packed.shape
-    writer.add_tensor(name, packed, raw_shape=shape, raw_dtype=qtype)
+    # Quantized blocks arrive as uint8 rows; the writer derives the element shape from their byte shape itself.
+    writer.add_tensor(name, packed, raw_dtype=qtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

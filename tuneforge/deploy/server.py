@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+# At module level, not inside build_app: with postponed annotations FastAPI resolves `request: Request` by name in
+# this module's globals, and a local import would make it a required query parameter (every call a 422).
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuneforge.data.tokenize import ensure_chat_template, render_prompt
 from tuneforge.deploy import adapters as adapter_ops
@@ -134,10 +138,7 @@ class ModelServer:
 # The HTTP application
 
 
-def build_app(server: ModelServer):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
-
+def build_app(server: ModelServer) -> FastAPI:
     app = FastAPI(title="tuneforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     settings = server.settings
 
@@ -228,9 +229,7 @@ def build_app(server: ModelServer):
     return app
 
 
-def _error(exc: RequestError):
-    from fastapi.responses import JSONResponse
-
+def _error(exc: RequestError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 

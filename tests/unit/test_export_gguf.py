@@ -1,0 +1,209 @@
+"""`tuneforge export --format gguf`: the file reads back (gguf's own reader, transformers' GGUF loader and, where it
+is installed, llama.cpp itself) as the model it was written from: same tensors, metadata, tokenizer, chat template
+and logits."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli, tiny_llama_config
+from tests.unit.test_merge import IDS, make_lora_run
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def source_logits(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=IDS).logits
+
+
+def gguf_logits(gguf_file: Path) -> torch.Tensor:
+    """Logits of the GGUF file as transformers' own GGUF loader (an independent reader) reconstructs the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    from tuneforge.deploy.gguf_export import export_gguf
+
+    folder = tmp_path_factory.mktemp("gguf")
+    return {quant: export_gguf(str(tiny_model_dir), folder / f"tiny-{quant}.gguf", quant)
+            for quant in ("f32", "f16", "q8_0")}
+
+
+def fields(reader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def test_metadata_tokenizer_and_chat_template_round_trip(exported, tiny_model_dir, tokenizer):
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    meta = fields(GGUFReader(exported["f32"]))
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == config.num_hidden_layers
+    assert meta["llama.embedding_length"] == config.hidden_size
+    assert meta["llama.feed_forward_length"] == config.intermediate_size
+    assert meta["llama.attention.head_count"] == config.num_attention_heads
+    assert meta["llama.attention.head_count_kv"] == config.num_key_value_heads
+    assert meta["llama.context_length"] == config.max_position_embeddings
+    assert meta["llama.rope.dimension_count"] == config.hidden_size // config.num_attention_heads
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config.rms_norm_eps)
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "smollm"
+    vocab = tokenizer.get_vocab()
+    assert meta["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    assert len(meta["tokenizer.ggml.merges"]) > 40_000
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+
+
+def test_tensors_round_trip_in_every_quant(exported, tiny_model_dir):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    # q/k rows are reordered for llama.cpp's rotary layout; the logits tests below cover them. The rest is verbatim.
+    expected = {"token_embd.weight": state["model.embed_tokens.weight"],
+                "output_norm.weight": state["model.norm.weight"],
+                "blk.1.attn_v.weight": state["model.layers.1.self_attn.v_proj.weight"],
+                "blk.0.ffn_down.weight": state["model.layers.0.mlp.down_proj.weight"],
+                "blk.0.attn_norm.weight": state["model.layers.0.input_layernorm.weight"]}
+    tolerance = {"f32": 0.0, "f16": 1e-3, "q8_0": 2e-2}
+    for quant, path in exported.items():
+        tensors = {t.name: t for t in GGUFReader(path).tensors}
+        assert len(tensors) == 2 * 9 + 2  # 9 per block, embeddings, final norm; tied output: no output.weight
+        for name, reference in expected.items():
+            tensor = tensors[name]
+            if reference.ndim == 1:  # norms stay fp32 in every quant, as llama.cpp's converter keeps them
+                assert tensor.tensor_type == GGMLQuantizationType.F32, (quant, name)
+            else:
+                assert tensor.tensor_type.name == quant.upper(), (quant, name)
+            values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+            values = values.reshape(reference.shape)
+            assert (values - reference).abs().max() <= tolerance[quant] * reference.abs().max() + 1e-12, (quant, name)
+    weight_bytes = {quant: sum(int(t.n_bytes) for t in GGUFReader(path).tensors) for quant, path in exported.items()}
+    assert weight_bytes["q8_0"] < 0.3 * weight_bytes["f32"] and weight_bytes["f16"] < 0.55 * weight_bytes["f32"]
+
+
+def test_transformers_loads_the_file_with_the_source_logits_and_tokenizer(exported, tiny_model_dir, tokenizer):
+    from transformers import AutoTokenizer
+
+    reference = source_logits(tiny_model_dir)
+    scale = reference.abs().max()
+    assert (gguf_logits(exported["f32"]) - reference).abs().max() < 1e-5
+    assert (gguf_logits(exported["f16"]) - reference).abs().max() < 2e-3 * scale
+    q8 = gguf_logits(exported["q8_0"])
+    assert (q8 - reference).abs().max() < 3e-2 * scale
+    assert (q8.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
+    rebuilt = AutoTokenizer.from_pretrained(exported["f32"].parent, gguf_file=exported["f32"].name)
+    text = "Ines Kowalski opened a café in Tampere in 2023 — 3333 🦙 <|im_start|>user\nhi<|im_end|>"
+    assert rebuilt(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert rebuilt.chat_template == tokenizer.chat_template
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, monkeypatch, model_type):
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    from tuneforge.deploy import gguf_export
+
+    # No Qwen tokenizer is available offline, and transformers would re-read ours as a Qwen2Tokenizer (another
+    # pre-tokenizer) beside a qwen2 config: export the architecture with the SmolLM2 tokenizer as it is.
+    monkeypatch.setattr(gguf_export, "load_tokenizer", lambda source: tokenizer)
+
+    values = tiny_llama_config(len(tokenizer)).to_dict()
+    keep = {k: values[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                   "tie_word_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id",
+                                   "pad_token_id")}
+    config = MistralConfig(**keep, sliding_window=None) if model_type == "mistral" else Qwen2Config(**keep)
+    torch.manual_seed(1)
+    # Not named after the family: transformers' GGUF loader guesses Mistral from a name containing "mistral".
+    source = tmp_path / "tiny-model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = gguf_export.export_gguf(str(source), tmp_path / "tiny.gguf", "f32")
+    assert (gguf_logits(out) - source_logits(source)).abs().max() < 1e-5
+
+
+def test_a_lora_run_is_exported_merged(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.deploy.gguf_export import export_gguf
+
+    run = make_lora_run(tiny_model_dir, tmp_path / "run")
+    out = export_gguf(str(run), tmp_path / "run.gguf", "f32")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(base, run).eval()(input_ids=IDS).logits
+    assert (gguf_logits(out) - expected).abs().max() < 1e-4
+    assert (source_logits(tiny_model_dir) - expected).abs().max() > 1e-2  # the adapter is really in the file
+
+
+def test_bad_exports_are_refused_in_one_line(tiny_model_dir, tokenizer, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tuneforge.deploy.gguf_export import export_gguf
+    from tuneforge.errors import UserError
+
+    with pytest.raises(UserError, match=r"must end in \.gguf"):
+        export_gguf(str(tiny_model_dir), tmp_path / "model.bin", "f32")
+    with pytest.raises(UserError, match="allowed: f32, f16, q8_0"):
+        export_gguf(str(tiny_model_dir), tmp_path / "model.gguf", "q4_k")
+    with pytest.raises(UserError, match="does not exist"):
+        export_gguf(str(tiny_model_dir), tmp_path / "missing" / "model.gguf", "f32")
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    with pytest.raises(UserError, match="architecture 'gpt2' cannot be exported"):
+        export_gguf(str(gpt2), tmp_path / "gpt2.gguf", "f32")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.gguf.*"))  # nothing half-written left
+
+    taken = tmp_path / "taken.gguf"
+    taken.write_bytes(b"mine")
+    result = run_cli("export", str(tiny_model_dir), "--format", "gguf", "--quant", "f32", "-o", str(taken))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "already exists" in result.stderr and taken.read_bytes() == b"mine"
+    result = run_cli("export", str(tiny_model_dir), "--quant", "q8_0", "-o", str(taken), "--force")
+    assert result.returncode == 0, result.stderr
+    assert taken.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (optional: pip install "
+                                              "llama-cpp-python, which compiles llama.cpp from source)")
+def test_llama_cpp_greedy_output_matches_transformers(exported, tiny_model_dir, tokenizer):
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = ["The capital of Finland is", "def add(a, b):", "Ines Kowalski opened a cafe in"]
+    llm = Llama(model_path=str(exported["f32"]), n_ctx=128, n_threads=2, verbose=False)
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # same tokenizer in llama.cpp
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+        expected = out[0, len(ids):].tolist()
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            got.append(token)
+            if len(got) == len(expected):
+                break
+        assert got == expected, prompt
+    quantized = Llama(model_path=str(exported["q8_0"]), n_ctx=128, n_threads=2, verbose=False)
+    answer = quantized.create_completion(prompts[0], max_tokens=4, temperature=0.0)
+    assert answer["usage"]["completion_tokens"] >= 1
