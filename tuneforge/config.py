@@ -42,6 +42,41 @@ class LoraSettings:
 
 
 @dataclass
+class QloraSettings:
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of the frozen base weights (QLoRA: NormalFloat4).")
+    double_quant: bool = _f(True, "Also quantize the per-block scales (saves ~0.4 bit per weight).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Precision the 4-bit weights are dequantized to for matmuls; 'auto' = bfloat16 on CUDA with bf16, "
+        "else float32."
+    )
+
+
+@dataclass
+class AdapterSettings:
+    reduction_factor: int = _f(16, "Bottleneck adapter size as hidden_size / reduction_factor.", min=1)
+    bottleneck_dim: Union[int, None] = _f(None, "Bottleneck size in units; when set, overrides reduction_factor.", min=1)
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = _f("relu", "Activation between down- and up-projection.")
+    placement: Literal["both", "attention", "mlp"] = _f(
+        "both", "Where adapters go in each decoder layer: after the attention block, after the MLP block, or both."
+    )
+
+
+@dataclass
+class PrefixSettings:
+    num_virtual_tokens: int = _f(20, "Learned key/value prefix length, per layer (prefix tuning).", min=1)
+
+
+@dataclass
+class PromptSettings:
+    num_virtual_tokens: int = _f(20, "Learned soft-prompt length in embeddings (prompt tuning).", min=1)
+    init: Literal["vocab", "random", "text"] = _f(
+        "vocab", "Soft-prompt start: embeddings of random vocabulary tokens ('vocab'), N(0, 1) noise ('random') or "
+        "the embeddings of init_text ('text')."
+    )
+    init_text: Union[str, None] = _f(None, "Text whose token embeddings start the soft prompt (with init: text).")
+
+
+@dataclass
 class DataSettings:
     train: Union[str, None] = _f(None, "Training data: a JSONL/JSON/CSV/Parquet file or a saved `datasets` directory.")
     val: Union[str, None] = _f(None, "Validation data (same formats). When absent, `val_split` carves it from train.")
@@ -102,10 +137,17 @@ class TrainSettings:
 @dataclass
 class RunConfig:
     model: str = _f(EMBEDDED_MODEL, "Base model: an alias, a hub id, a local HF model directory or a .gguf file.")
-    method: Literal["full", "lora"] = _f("lora", "How to fine-tune: all weights ('full') or LoRA adapters.")
+    method: Literal["full", "lora", "qlora", "dora", "adapter", "prefix", "prompt"] = _f(
+        "lora", "How to fine-tune: all weights ('full'), LoRA, QLoRA (LoRA on a 4-bit base), DoRA, bottleneck "
+        "'adapter' layers, 'prefix' tuning or soft-'prompt' tuning."
+    )
     output_dir: str = _f("runs/run", "Run directory: metrics, resolved config and the trained weights.")
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own Python code. Off for safety.")
     lora: LoraSettings = field(default_factory=LoraSettings)
+    qlora: QloraSettings = field(default_factory=QloraSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    prefix: PrefixSettings = field(default_factory=PrefixSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -296,11 +338,24 @@ def validate_for_training(cfg: RunConfig) -> None:
         _check_data_path("data.val", cfg.data.val)
         if cfg.data.val_split > 0:
             raise ConfigError(f"data.val_split: got {cfg.data.val_split}, must be 0 when data.val is given")
+    check_method_settings(cfg)
     if cfg.train.early_stopping_patience > 0 and cfg.data.val is None and cfg.data.val_split == 0:
         raise ConfigError(
             f"train.early_stopping_patience: got {cfg.train.early_stopping_patience}, needs validation data "
             "(set data.val or data.val_split)"
         )
+
+
+def check_method_settings(cfg: RunConfig) -> None:
+    """Method options that only make sense together (the schema checks each key on its own)."""
+    prompt = cfg.prompt
+    if prompt.init == "text" and prompt.init_text is None:
+        raise ConfigError("prompt.init_text: missing; prompt.init is 'text', so set the text that starts the soft prompt")
+    if prompt.init != "text" and prompt.init_text is not None:
+        raise ConfigError(f"prompt.init_text: given, but prompt.init is {prompt.init!r}; set prompt.init=text to use it")
+    if cfg.method == "prefix" and cfg.train.gradient_checkpointing:
+        # Recomputing a layer would append its learned key/value prefix to the attention cache a second time.
+        raise ConfigError("train.gradient_checkpointing: not supported with method 'prefix'; turn it off")
 
 
 def _check_data_path(key: str, value: str) -> None:

@@ -20,9 +20,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 PACKED_ATTENTION = "tuneforge_packed"
 
 
+@torch.compiler.disable  # a Python loop over examples: run it eagerly between compiled graphs (train.compile)
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """[B=1, H, T, D] query/key/value -> [1, T, H, D], attention confined to each packed example."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
+    prefix = key.shape[2] - query.shape[2]  # prefix tuning: learned keys/values in front, seen by every example
+    if cu_seqlens is None and prefix:
+        cu_seqlens = torch.tensor([0, query.shape[2]])
     if cu_seqlens is None:  # one unpadded sequence: plain causal SDPA
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
@@ -32,6 +36,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     bounds = cu_seqlens.tolist()
+    if prefix:
+        return _packed_with_prefix(query, key, value, bounds, prefix, dropout, scaling), None
     outputs = [
         F.scaled_dot_product_attention(
             query[:, :, start:end],
@@ -45,6 +51,20 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         if end > start
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _packed_with_prefix(query, key, value, bounds, prefix, dropout, scaling):
+    """Each example attends to the shared prefix keys plus its own keys, causally (offset by the prefix length)."""
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        keys = torch.cat([key[:, :, :prefix], key[:, :, prefix + start : prefix + end]], dim=2)
+        values = torch.cat([value[:, :, :prefix], value[:, :, prefix + start : prefix + end]], dim=2)
+        visible = torch.ones(end - start, prefix + end - start, dtype=torch.bool, device=query.device).tril(prefix)
+        outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], keys, values, attn_mask=visible,
+                                                      dropout_p=dropout, scale=scaling))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)

@@ -1,28 +1,93 @@
-"""apply_method(model, cfg): make the right parameters trainable for the chosen fine-tuning method."""
+"""load → quantize → method: the base model each method needs, and which of its parameters train.
+
+| method  | what trains                                                    | saved as                         |
+|---------|----------------------------------------------------------------|----------------------------------|
+| full    | every weight                                                   | a Hugging Face model directory   |
+| lora    | low-rank updates B·A beside the linear layers (PEFT)           | PEFT adapter                     |
+| dora    | LoRA plus a learned magnitude per output unit (PEFT use_dora)  | PEFT adapter                     |
+| qlora   | LoRA on a base whose linear weights are 4-bit NF4 (bitsandbytes)| PEFT adapter                    |
+| adapter | bottleneck layers after attention / MLP (tuneforge.bottleneck) | adapter_model + bottleneck_config|
+| prefix  | learned key/value prefixes in every layer (PEFT)               | PEFT adapter                     |
+| prompt  | learned soft-prompt input embeddings (PEFT)                    | PEFT adapter                     |
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from tuneforge.config import RunConfig
 from tuneforge.errors import ConfigError
+from tuneforge.model.bottleneck import BottleneckModel, add_bottleneck_adapters
+from tuneforge.model.load import load_model, resolve_model
+from tuneforge.model.trained import read_run_meta
+
+PEFT_METHODS = ("lora", "dora", "qlora", "prefix", "prompt")
+
+
+def load_base_model(cfg: RunConfig, device: str) -> torch.nn.Module:
+    """The base model the method trains on: 4-bit for qlora, float32 otherwise."""
+    _refuse_run_as_base(cfg.model)
+    if cfg.method == "qlora":
+        from tuneforge.model.quantize import load_quantized_model
+
+        return load_quantized_model(cfg.model, cfg.qlora, device, cfg.trust_remote_code)
+    return load_model(cfg.model, dtype=torch.float32, device=device, trust_remote_code=cfg.trust_remote_code)
+
+
+def _refuse_run_as_base(name: str) -> None:
+    # Training on an adapter run would need its adapter underneath a second one; say what to do instead.
+    meta = read_run_meta(Path(name)) if Path(name).is_dir() else None
+    if meta is not None and meta.get("method") != "full":
+        raise ConfigError(f"model: {name} is a {meta.get('method')} run (an adapter on {meta.get('base_model')}), not a "
+                          f"base model; continue it with --resume in its own output_dir, or merge it first "
+                          f"(tuneforge merge) and train on the merged model")
 
 
 def apply_method(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    if cfg.method == "full":
+    """Wrap `model` (a freshly loaded base) for `cfg.method` and leave exactly its parameters trainable."""
+    _refuse_wrapped(model, cfg.method)
+    method = cfg.method
+    if method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
         return model
-    if cfg.method == "lora":
-        return _apply_lora(model, cfg)
-    raise ConfigError(f"method: got {cfg.method!r}, allowed: full, lora")  # the schema already refuses others
+    if method == "adapter":
+        return add_bottleneck_adapters(model, cfg.adapter)
+    from peft import get_peft_model
+
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and other small weights to fp32 and everything frozen; gradient checkpointing stays the loop's
+        # decision (train.gradient_checkpointing), not a side effect of quantization.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if method in ("lora", "dora", "qlora"):
+        return get_peft_model(model, lora_config(model, cfg, use_dora=method == "dora"))
+    if method == "prefix":
+        from peft import PrefixTuningConfig
+
+        return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                        num_virtual_tokens=cfg.prefix.num_virtual_tokens))
+    if method == "prompt":
+        return get_peft_model(model, prompt_tuning_config(cfg))
+    raise ConfigError(f"method: got {method!r}, allowed: full, {', '.join(PEFT_METHODS)}, adapter")
 
 
-def _apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _refuse_wrapped(model: torch.nn.Module, method: str) -> None:
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if isinstance(model, PeftModel):
-        raise ConfigError("method: lora on a model that already carries an adapter; train a fresh base model")
+    already = isinstance(model, (PeftModel, BottleneckModel)) or any(
+        isinstance(m, BaseTunerLayer) for m in model.modules())
+    if already:
+        raise ConfigError(f"method {method}: the model already carries an adapter; train a fresh base model")
+
+
+def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False):
+    from peft import LoraConfig
+
     lora = cfg.lora
     targets = lora.target_modules
     if isinstance(targets, list):
@@ -35,15 +100,29 @@ def _apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
             )
     elif targets != "all-linear":
         targets = [targets]
-    peft_config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
         bias="none",
+        use_dora=use_dora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+
+
+def prompt_tuning_config(cfg: RunConfig):
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    prompt = cfg.prompt
+    init = {"vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM,
+            "text": PromptTuningInit.TEXT}[prompt.init]
+    extra = {}
+    if prompt.init == "text":
+        # PEFT tokenizes init_text with the base model's tokenizer and repeats/cuts it to num_virtual_tokens.
+        extra = {"prompt_tuning_init_text": prompt.init_text, "tokenizer_name_or_path": resolve_model(cfg.model)}
+    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.num_virtual_tokens,
+                              prompt_tuning_init=init, **extra)
 
 
 def linear_module_names(model: torch.nn.Module) -> set[str]:
@@ -51,16 +130,18 @@ def linear_module_names(model: torch.nn.Module) -> set[str]:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights counted once."""
+    """(trainable, total) parameter counts; tied weights counted once; 4-bit weights by their original size."""
     seen: set[int] = set()
     trainable = total = 0
     for param in model.parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
+        quant_state = getattr(param, "quant_state", None)  # bitsandbytes packs two 4-bit values per stored byte
+        count = quant_state.shape.numel() if quant_state is not None else param.numel()
+        total += count
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += count
     return trainable, total
 
 

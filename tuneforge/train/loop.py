@@ -29,8 +29,8 @@ from tuneforge.data.formats import Example
 from tuneforge.data.prepare import read_raw, tokenize_data
 from tuneforge.errors import ConfigError, Preempted, TrainingStopped
 from tuneforge.model.attention import use_packed_attention, use_standard_attention
-from tuneforge.model.load import load_model, load_tokenizer, native_bf16, pick_device
-from tuneforge.model.methods import apply_method, parameter_report
+from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
+from tuneforge.model.methods import apply_method, load_base_model, parameter_report
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.forward import batch_loss_sum
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
@@ -42,7 +42,9 @@ log = logging.getLogger("tuneforge")
 
 SPIKE_WINDOW = 50  # steps in the running mean that loss spikes are measured against
 # Settings a resumed run must share with its checkpoint: they decide the weights' shapes or the data stream.
-RESUME_MUST_MATCH = ("model", "method", "lora.r", "lora.target_modules", "data.train", "data.format",
+RESUME_MUST_MATCH = ("model", "method", "lora.r", "lora.target_modules", "qlora.quant_type", "adapter.placement",
+                     "adapter.reduction_factor", "adapter.bottleneck_dim", "prefix.num_virtual_tokens",
+                     "prompt.num_virtual_tokens", "data.train", "data.format",
                      "data.max_length", "train.seed", "train.batch_size", "train.grad_accum")
 
 
@@ -94,7 +96,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     data = tokenize_data(cfg.data, tokenizer, train_rows, val_rows)
     log.info("data: %s", data.summary())
 
-    model = load_model(cfg.model, dtype=torch.float32, device=device, trust_remote_code=cfg.trust_remote_code)
+    model = load_base_model(cfg, device)  # 4-bit for qlora, float32 otherwise
     model = apply_method(model, cfg)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
