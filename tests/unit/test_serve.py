@@ -90,7 +90,7 @@ class Reference:
         from tuneforge.model.trained import load_for_inference
 
         if source not in self.loaded:
-            self.loaded[source] = load_for_inference(source)
+            self.loaded[source] = load_for_inference(source) if not source.endswith("-dora") else dora_on_base(source)
         model, _ = self.loaded[source]
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
@@ -107,6 +107,16 @@ class Reference:
                                add_special_tokens=False)["input_ids"]
         generated = self.ids(source, prompt_ids, max_tokens)
         return decode(tokenizer, generated), len(generated)
+
+
+def dora_on_base(run: str):
+    """load_for_inference reads lora and full runs; a DoRA run is its PEFT adapter on the base, loaded the same way."""
+    from peft import PeftModel
+
+    from tuneforge.model.load import load_model, load_tokenizer
+
+    base = json.loads((Path(run) / "tuneforge.json").read_text())["base_model"]
+    return PeftModel.from_pretrained(load_model(base), run).eval(), load_tokenizer(run)
 
 
 def decode(tokenizer, ids: list[int]) -> str:
@@ -385,6 +395,37 @@ def test_concurrent_requests_to_different_adapters_share_one_batch_and_get_their
         text, count = reference.chat(source_of(name, runs, tiny_model_dir), question, budget)
         assert reply.choices[0].message.content == text, (name, question)
         assert reply.usage.completion_tokens == count
+
+
+def test_dora_adapters_are_served_beside_lora_ones(tiny_model_dir, runs, tmp_path, reference, monkeypatch):
+    """PEFT cannot put DoRA rows in a mixed-adapter batch: they are decoded as their own group, still correctly."""
+    from fastapi.testclient import TestClient
+
+    from tuneforge.deploy.server import ServeSettings, build_app, load_server
+
+    dora = make_lora_run(tiny_model_dir, tmp_path / "run-dora", method="dora", seed=3)
+    served = load_server(str(tiny_model_dir), [("plain", str(runs["alpha"])), ("dora", str(dora))], ServeSettings())
+    groups: list[list] = []
+    decode_group = served.engine._decode_group
+    monkeypatch.setattr(served.engine, "_decode_group",
+                        lambda jobs, only_adapter: (groups.append(sorted(j.adapter or "base" for j in jobs)),
+                                                    decode_group(jobs, only_adapter)))
+    asks = [("dora", QUESTIONS[0]), ("plain", QUESTIONS[1]), ("dora", QUESTIONS[2]), (str(tiny_model_dir), QUESTIONS[3])]
+    try:
+        with TestClient(build_app(served)) as local:
+            release = hold_engine(served)
+            with ThreadPoolExecutor(len(asks)) as pool:
+                futures = [pool.submit(local.post, "/v1/chat/completions", json=chat_body(name, question, 6))
+                           for name, question in asks]
+                wait_until(lambda: len(served.engine._jobs) == len(asks), "all requests to queue")
+                release.set()
+                replies = [f.result(timeout=120).json() for f in futures]
+    finally:
+        served.engine.close()
+    assert sorted(groups) == [["base", "plain"], ["dora", "dora"]]  # LoRA + base mixed; DoRA rows together
+    sources = {"dora": str(dora), "plain": str(runs["alpha"]), str(tiny_model_dir): str(tiny_model_dir)}
+    for (name, question), reply in zip(asks, replies):
+        assert reply["choices"][0]["message"]["content"] == reference.chat(sources[name], question, 6)[0], name
 
 
 def test_requests_beyond_the_concurrency_limit_get_429(live_url, server):

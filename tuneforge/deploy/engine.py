@@ -2,6 +2,8 @@
 
 Requests that wait while a batch runs are decoded together in the next one, whatever adapter each asks for: every
 row names its adapter (or the base) through PEFT's mixed-batch `adapter_names`, so one forward pass serves them all.
+PEFT cannot mix DoRA adapters into such a batch (their magnitude vectors need the whole weight), so rows for a DoRA
+adapter are decoded as their own group with that adapter active; everything else still shares one pass.
 Each row keeps its own sampling settings, stop strings and token budget, and leaves the batch as soon as it is done.
 Because only this thread touches the model, adapters are attached and detached here too, between batches, and need
 no lock.
@@ -135,13 +137,22 @@ class Engine:
         return set(getattr(self.model, "peft_config", {}) or {})
 
     def _decode(self, jobs: list[Job]) -> None:
-        model = self.model
         known = self.adapter_names()
         for job in [j for j in jobs if j.adapter is not None and j.adapter not in known]:
             job.emit(Failed(f"model {job.adapter!r} was unloaded", status=404))
         jobs = [j for j in jobs if j.adapter is None or j.adapter in known]
-        if not jobs:
-            return
+        dora = {name for name in known if getattr(self.model.peft_config[name], "use_dora", False)}
+        mixed = [j for j in jobs if j.adapter not in dora]
+        if mixed:
+            self._decode_group(mixed, only_adapter=None)
+        for name in sorted({j.adapter for j in jobs} & dora):
+            self._decode_group([j for j in jobs if j.adapter == name], only_adapter=name)
+
+    def _decode_group(self, jobs: list[Job], only_adapter: str | None) -> None:
+        """Decode `jobs` together: per-row adapters (only_adapter None), or all rows on the one adapter given."""
+        model = self.model
+        if only_adapter is not None:
+            model.set_adapter(only_adapter)
         device = next(model.parameters()).device
         width = max(len(j.prompt_ids) for j in jobs)
         # Left padding puts every prompt's last token in the last column, where decoding continues.
@@ -156,7 +167,7 @@ class Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=getattr(model, "config", None))
-        logits = self._forward(model, input_ids, mask, positions, cache, rows)
+        logits = self._forward(model, input_ids, mask, positions, cache, rows, only_adapter)
         while True:
             next_tokens = [row.sample(logits[i]) for i, row in enumerate(rows)]
             keep = [i for i, (row, token) in enumerate(zip(rows, next_tokens)) if not row.advance(token, self.eos_ids)]
@@ -171,11 +182,11 @@ class Engine:
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             step_ids = torch.tensor(next_tokens, device=device).unsqueeze(1)
-            logits = self._forward(model, step_ids, mask, positions, cache, rows)
+            logits = self._forward(model, step_ids, mask, positions, cache, rows, only_adapter)
 
-    def _forward(self, model, input_ids, mask, positions, cache, rows) -> torch.Tensor:
+    def _forward(self, model, input_ids, mask, positions, cache, rows, only_adapter) -> torch.Tensor:
         extra = {}
-        if hasattr(model, "peft_config"):
+        if hasattr(model, "peft_config") and only_adapter is None:
             extra["adapter_names"] = [row.job.adapter or BASE_ROW for row in rows]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         extra[_cache_keyword(type(base))] = cache
