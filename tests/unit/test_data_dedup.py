@@ -165,7 +165,8 @@ def test_a_large_bucket_of_alike_rows_still_forms_one_group(monkeypatch):
 
 def test_candidate_pairs_equal_datasketch_minhash_lsh_with_the_same_bands():
     """Our band index is datasketch's `MinHashLSH` banding, kept in sorted arrays for memory: on the same
-    signatures with the same 16 bands of 8 rows it must propose exactly the pairs `MinHashLSH.query` returns."""
+    signatures with the same 16 bands of 8 rows it must propose exactly the pairs `MinHashLSH.query` returns
+    (before the b-bit pruning, which `MinHashLSH` does not have)."""
     import xxhash
     from datasketch import MinHash, MinHashLSH
 
@@ -183,6 +184,24 @@ def test_candidate_pairs_equal_datasketch_minhash_lsh_with_the_same_bands():
         lsh.insert(i, signature)
         signatures.append(signature)
     theirs = {(min(i, j), max(i, j)) for i, signature in enumerate(signatures) for j in lsh.query(signature) if j != i}
-    ours = {tuple(pair) for pair in finder.candidates().tolist()}
+    ours = {tuple(pair) for pair in finder.candidates(prune=False).tolist()}
     assert len(theirs) > 150  # the planted pairs and many of the near misses
     assert ours == theirs
+
+
+def test_pruning_by_estimate_drops_candidates_but_no_near_duplicate():
+    """The b-bit MinHash pruning removes most band collisions of related-but-different rows (near misses, shared
+    templates) and changes no verified group: it only drops pairs that verification would have rejected."""
+    rows, truth, hard_negatives = planted_rows(seed=3, originals=1500, planted=300, near_misses=300, siblings=300)
+    texts = [r["instruction"] + " " + r["output"] for r in rows]
+    # Templated rows as real data has them: a long shared instruction with a short answer.
+    texts += [f"Classify the sentiment of this product review as positive or negative: {' '.join(sentence(rng, 6))}"
+              for rng in [random.Random(4)] for _ in range(400)]
+    word_sets = {i: word_set(t) for i, t in enumerate(texts)}
+    finder = DuplicateFinder()
+    for i, text in enumerate(texts):
+        finder.add(i, text, text)
+    unpruned, pruned = finder.candidates(prune=False), finder.candidates()
+    assert len(pruned) < len(unpruned) / 3
+    assert {tuple(p) for p in pruned.tolist()} <= {tuple(p) for p in unpruned.tolist()}
+    assert finder.verify(pruned, word_sets) == finder.verify(unpruned, word_sets)

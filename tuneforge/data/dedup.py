@@ -1,19 +1,23 @@
-"""Exact and near-duplicate rows, found in a stream with memory bounded by a few dozen bytes per row.
+"""Exact and near-duplicate rows, found in a stream with memory bounded by a few hundred bytes per row.
 
 Exact: the row's text with whitespace collapsed and case folded, hashed to 64 bits; the first row of each text is kept.
 
 Near: the Jaccard similarity of the rows' word sets (lower-cased `\\w+` words, so word order, punctuation and case
-do not count; a changed word does). Three steps:
+do not count; a changed word does). Four steps:
 1. while streaming, a MinHash signature per row (datasketch, `NUM_PERM` permutations) is cut into `BANDS` bands of
-   `ROWS_PER_BAND` values; only each band's 64-bit hash is kept (16 x 8 bytes per row), never the text;
+   `ROWS_PER_BAND` values; each band's 64-bit hash is kept (16 x 8 bytes per row) and the low byte of every value
+   (128 bytes), never the text;
 2. rows that share a band hash are candidate pairs (LSH). With 16 bands of 8, a pair at Jaccard 0.85 becomes a
-   candidate with probability 0.994 and a pair at 0.5 with 0.06, so recall is set here and the cost stays low;
-3. the caller reads the (few) candidate rows again and `verify` computes their exact Jaccard: a pair is a
+   candidate with probability 0.994 and a pair at 0.5 with 0.06, so recall is set here;
+3. candidates whose b-bit MinHash estimate (from the low bytes) is far below the threshold are dropped as they are
+   found. Templated data needs this: rows that share a long template collide in some band by the million on a
+   million rows (the number grows with the square of the rows), far too many to check one by one;
+4. the caller reads the remaining candidate rows again and `verify` computes their exact Jaccard: a pair is a
    near-duplicate only when its true similarity reaches the threshold, so MinHash noise never decides the verdict.
 Pairs join into groups by connected components (scipy); the first row of a group is the one to keep.
 
 Why not datasketch's `MinHashLSH` index itself: its in-memory storage keeps Python objects per bucket, measured at
-~6 KB per row with these 16 bands (1,000,000 rows: ~6 GB); a sorted array of band hashes per band needs 8 MB. The
+~6 KB per row with these 16 bands (1,000,000 rows: ~6 GB); the band hashes in arrays need 128 bytes. The
 banding is the same (contiguous slices of the signature), and `tests/unit/test_data_dedup.py` checks that the
 candidate pairs equal `MinHashLSH(params=(16, 8)).query`'s on the same signatures.
 """
@@ -32,6 +36,9 @@ BANDS, ROWS_PER_BAND = 16, 8
 # A band bucket this large (many rows alike in one band: templated data) pairs each row with its next WINDOW rows
 # instead of with all of them, so the number of candidate pairs stays linear in the number of rows.
 WINDOW = 64
+# Candidate pairs whose b-bit MinHash estimate is this far below the threshold are not verified (`_plausible`).
+ESTIMATE_MARGIN = 0.2
+_PRUNE_CHUNK = 1 << 18
 
 _WORD = re.compile(r"\w+")
 # Fixed odd multipliers that fold a band's 8 uint32 values into one 64-bit hash (wrapping arithmetic).
@@ -93,6 +100,7 @@ class DuplicateFinder:
         self._minhash = MinHash(num_perm=NUM_PERM, hashfunc=xxhash.xxh32_intdigest)
         self._ids: list[np.ndarray] = []  # chunks of row indices that have a signature
         self._bands: list[np.ndarray] = []  # chunks of [rows, BANDS] uint64 band hashes
+        self._low_bytes: list[np.ndarray] = []  # chunks of [rows, NUM_PERM] uint8: each signature value's low byte
         self._pending_ids: list[int] = []
         self._pending: list[np.ndarray] = []
 
@@ -117,36 +125,56 @@ class DuplicateFinder:
     def _flush(self) -> None:
         if not self._pending:
             return
-        signatures = np.stack(self._pending).astype(np.uint64).reshape(-1, BANDS, ROWS_PER_BAND)
-        self._bands.append((signatures * _BAND_MIX).sum(axis=2))  # uint64 wraps: a multiply-add hash per band
+        signatures = np.stack(self._pending).astype(np.uint64)
+        bands = signatures.reshape(-1, BANDS, ROWS_PER_BAND)
+        self._bands.append((bands * _BAND_MIX).sum(axis=2))  # uint64 wraps: a multiply-add hash per band
+        self._low_bytes.append((signatures & np.uint64(0xFF)).astype(np.uint8))
         self._ids.append(np.asarray(self._pending_ids, dtype=np.int64))
         self._pending, self._pending_ids = [], []
 
-    def candidates(self) -> np.ndarray:
-        """Candidate near-duplicate pairs [P, 2] (i < j) from band collisions."""
+    def candidates(self, prune: bool = True) -> np.ndarray:
+        """Candidate near-duplicate pairs [P, 2] of row indices (i < j) from band collisions. With `prune`, pairs
+        whose estimated similarity is far below the threshold are left out as they are found (see `_plausible`)."""
         self._flush()
         if not self._ids:
             return np.empty((0, 2), dtype=np.int64)
         ids = np.concatenate(self._ids)
         bands = np.concatenate(self._bands)
-        pairs: list[np.ndarray] = []
+        low_bytes = np.concatenate(self._low_bytes) if prune else None
+        found: list[np.ndarray] = []  # pairs of positions in `ids`, as first << 32 | second
         for b in range(BANDS):
-            keys = bands[:, b]
-            order = np.argsort(keys, kind="stable")
-            sorted_keys = keys[order]
-            same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])  # position p: rows p and p+1 collide
-            if not len(same):
-                continue
-            # Runs of colliding rows: [start, end) in sorted order.
-            breaks = np.flatnonzero(np.diff(same) != 1)
-            starts = np.concatenate(([same[0]], same[breaks + 1]))
-            ends = np.concatenate((same[breaks], [same[-1]])) + 2
-            for start, end in zip(starts.tolist(), ends.tolist()):
-                members = np.sort(ids[order[start:end]])
-                pairs.append(_pairs_within(members))
-        if not pairs:
+            order = np.argsort(bands[:, b], kind="stable")  # stable: within a bucket, positions stay ascending
+            keys = bands[order, b]
+            # A bucket is a run of equal keys. Pair each member with the next 1, 2, ... WINDOW members of its run:
+            # every pair of a bucket up to WINDOW + 1 rows, each row's next WINDOW rows in a larger one.
+            for distance in range(1, WINDOW + 1):
+                at = np.flatnonzero(keys[distance:] == keys[:-distance])
+                if not len(at):
+                    break  # no bucket has more than `distance` members
+                first, second = order[at], order[at + distance]
+                if low_bytes is not None:
+                    keep = self._plausible(low_bytes, first, second)
+                    first, second = first[keep], second[keep]
+                found.append((first.astype(np.int64) << 32) | second.astype(np.int64))
+        if not found:
             return np.empty((0, 2), dtype=np.int64)
-        return np.unique(np.concatenate(pairs), axis=0)
+        pairs = np.unique(np.concatenate(found))
+        return np.stack([ids[pairs >> 32], ids[pairs & 0xFFFFFFFF]], axis=1)
+
+    def _plausible(self, low_bytes: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """Which pairs could reach the threshold, by b-bit MinHash (Li & König): the low bytes of two rows'
+        signature values agree with probability J + (1 - J) / 256. Pairs estimated more than ESTIMATE_MARGIN below
+        the threshold are dropped: over 6 standard deviations at 128 values, so a pair at the threshold is lost
+        with a probability under 1e-9, while templated rows that merely share many words (millions of band
+        collisions on a million rows) never reach the exact, per-pair check."""
+        cut = max(0.0, self.threshold - ESTIMATE_MARGIN)
+        need = int(np.ceil(NUM_PERM * (cut + (1 - cut) / 256)))
+        keep = np.empty(len(first), dtype=bool)
+        for start in range(0, len(first), _PRUNE_CHUNK):  # chunks: [chunk, 128] bytes per side stays small
+            part = slice(start, start + _PRUNE_CHUNK)
+            agree = (low_bytes[first[part]] == low_bytes[second[part]]).sum(axis=1)
+            keep[part] = agree >= need
+        return keep
 
     def verify(self, pairs: np.ndarray, word_sets: dict[int, frozenset[str]]) -> DuplicateGroups:
         """Keep the candidate pairs whose exact Jaccard reaches the threshold; group rows (exact and near)."""
@@ -161,19 +189,6 @@ class DuplicateFinder:
                         groups.near_partner[row] = (other, similarity)
         groups.near = _connected_groups(kept)
         return groups
-
-
-def _pairs_within(members: np.ndarray) -> np.ndarray:
-    m = len(members)
-    if m <= WINDOW + 1:
-        i, j = np.triu_indices(m, k=1)
-    else:
-        offsets = np.arange(1, WINDOW + 1)
-        i = np.repeat(np.arange(m), WINDOW)
-        j = i + np.tile(offsets, m)
-        keep = j < m
-        i, j = i[keep], j[keep]
-    return np.stack([members[i], members[j]], axis=1)
 
 
 def _connected_groups(pairs: list[tuple[int, int]]) -> list[list[int]]:
