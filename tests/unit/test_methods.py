@@ -73,6 +73,20 @@ def logits_of(model, ids):
         return model(input_ids=ids).logits
 
 
+def greedy_generate(model, ids, mask=None, new_tokens=4):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                              max_new_tokens=new_tokens, do_sample=False)
+
+
+def greedy_by_forward(model, ids, new_tokens=4):
+    """Greedy decoding the slow way: the model's full forward over the whole sequence for every new token."""
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Every method: learns, saves, reloads, chats, resumes.
 
@@ -91,12 +105,9 @@ def test_method_trains_saves_reloads_and_resumes(method, runs, tiny_model_dir, d
     ids = torch.tensor([tokenizer("Repeat the number 3.")["input_ids"]])
     diff = (logits_of(reloaded, ids) - logits_of(result.model, ids)).abs().max().item()
     assert diff < RELOAD_TOLERANCE.get(method, 1e-5), diff
-    with torch.no_grad():
-        generated = reloaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                      do_sample=False)
-        expected = result.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                         do_sample=False)
-    assert torch.equal(generated, expected)
+    generated = greedy_generate(reloaded, ids)
+    assert torch.equal(generated, greedy_by_forward(reloaded, ids))  # generation applies what training trained
+    assert torch.equal(generated, greedy_generate(result.model, ids))
 
     # Resume from the step-2 checkpoint in a fresh run directory: steps 3-4 and the saved weights equal the
     # uninterrupted run's, and the model carries exactly the adapter it had (never a second one on top).
@@ -264,6 +275,31 @@ def test_prompt_learning_loss_equals_peft_forward(method, tiny_model, tiny_model
     with torch.no_grad(), model.disable_adapter():
         use_standard_attention(model)
         assert abs(batch_loss_sum(model.get_base_model(), padded).item() / padded.num_targets - reference) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_learning_generates_with_its_virtual_tokens_in_padded_batches(method, runs, tokenizer):
+    model, _ = load_for_inference(str(runs(method).run_dir))
+    with torch.no_grad():  # make the virtual tokens decisive, so generating without them could not pass
+        for name, param in model.named_parameters():
+            if "prompt_encoder" in name:
+                param.add_(torch.randn_like(param) * 2)
+    long, short = tokenizer("Repeat the number 3 please.")["input_ids"], tokenizer("Hi")["input_ids"]
+    pad = len(long) - len(short)
+    batch = torch.tensor([long, [tokenizer.pad_token_id] * pad + short])  # left-padded, as eval generates
+    mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    generated = greedy_generate(model, batch, mask)
+    assert torch.equal(generated[0], greedy_by_forward(model, torch.tensor([long]))[0])
+    assert torch.equal(generated[1, pad:], greedy_by_forward(model, torch.tensor([short]))[0])
+    # The first generated token's scores are the tuned model's forward logits, far from the base model's.
+    with torch.no_grad():
+        scores = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                                output_scores=True, return_dict_in_generate=True).scores[0]
+        tuned = model(input_ids=torch.tensor([short])).logits[0, -1]
+        with model.disable_adapter():
+            base = model(input_ids=torch.tensor([short])).logits[0, -1]
+    assert (scores[1] - tuned).abs().max() < 1e-4
+    assert (tuned - base).abs().max() > 1e-2
 
 
 def test_prompt_init_from_text_and_bad_combinations(tiny_model, tiny_model_dir, tokenizer):

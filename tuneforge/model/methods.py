@@ -22,6 +22,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.model.bottleneck import BottleneckModel, add_bottleneck_adapters
 from tuneforge.model.load import load_model, resolve_model
 from tuneforge.model.trained import read_run_meta
+from tuneforge.model.virtual_generation import use_virtual_token_generation
 
 PEFT_METHODS = ("lora", "dora", "qlora", "prefix", "prompt")
 
@@ -68,10 +69,10 @@ def apply_method(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     if method == "prefix":
         from peft import PrefixTuningConfig
 
-        return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                        num_virtual_tokens=cfg.prefix.num_virtual_tokens))
+        prefix = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix.num_virtual_tokens)
+        return use_virtual_token_generation(get_peft_model(model, prefix))
     if method == "prompt":
-        return get_peft_model(model, prompt_tuning_config(cfg))
+        return use_virtual_token_generation(get_peft_model(model, prompt_tuning_config(cfg)))
     raise ConfigError(f"method: got {method!r}, allowed: full, {', '.join(PEFT_METHODS)}, adapter")
 
 

@@ -53,4 +53,6 @@ def _adapter_on_base(run_dir: str, meta: dict, method: str, device: str, dtype: 
         return BottleneckModel.from_pretrained(base, run_dir)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, run_dir)
+    from tuneforge.model.virtual_generation import use_virtual_token_generation
+
+    return use_virtual_token_generation(PeftModel.from_pretrained(base, run_dir))

@@ -15,23 +15,12 @@ The loss therefore stays on answer tokens only, and equals PEFT's own forward's 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 
 from tuneforge.data.batching import Batch
-
-
-def prompt_learning_type(model: torch.nn.Module) -> str | None:
-    """'prompt', 'prefix' or None for a model whose forward PEFT would change with virtual tokens."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not getattr(config, "is_prompt_learning", False):
-        return None
-    kind = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}.get(str(getattr(config.peft_type, "value", "")))
-    if kind is None:
-        raise NotImplementedError(f"PEFT {config.peft_type} is not a tuneforge method; use prompt or prefix tuning")
-    return kind
+from tuneforge.model.virtual_generation import cache_argument, prompt_learning_type
 
 
 def decoder_inputs(model: torch.nn.Module, lm: torch.nn.Module, batch: Batch) -> tuple[dict[str, Any], torch.Tensor]:
@@ -80,10 +69,8 @@ def _with_soft_prompt(model, lm, batch: Batch, inputs: dict[str, Any]) -> tuple[
 def _with_prefix(model, lm, batch: Batch, inputs: dict[str, Any]) -> dict[str, Any]:
     rows = batch.input_ids.shape[0]
     v = model.active_peft_config.num_virtual_tokens
-    # A fresh cache each forward: attention appends this step's keys/values to it. Transformers 5 renamed the
-    # decoder's `past_key_values` argument to `cache` (the old name warns, then goes away).
-    cache_arg = "cache" if "cache" in inspect.signature(lm.get_decoder().forward).parameters else "past_key_values"
-    inputs[cache_arg] = model.get_prompt(batch_size=rows, max_cache_len=batch.input_ids.shape[1] + v)
+    # A fresh cache each forward: attention appends this step's keys/values to it.
+    inputs[cache_argument(lm.get_decoder())] = model.get_prompt(batch_size=rows)
     inputs["position_ids"] = batch.position_ids + v
     if batch.attention_mask is not None:
         inputs["attention_mask"] = torch.cat([batch.attention_mask.new_ones(rows, v), batch.attention_mask], dim=1)
