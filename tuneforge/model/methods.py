@@ -5,7 +5,7 @@
 | full    | every weight                                                   | a Hugging Face model directory   |
 | lora    | low-rank updates B·A beside the linear layers (PEFT)           | PEFT adapter                     |
 | dora    | LoRA plus a learned magnitude per output unit (PEFT use_dora)  | PEFT adapter                     |
-| qlora   | LoRA on a base whose linear weights are 4-bit NF4 (bitsandbytes)| PEFT adapter                    |
+| qlora   | LoRA on a base whose linear weights are 4-bit NF4 (bitsandbytes) | PEFT adapter                 |
 | adapter | bottleneck layers after attention / MLP (tuneforge.bottleneck) | adapter_model + bottleneck_config|
 | prefix  | learned key/value prefixes in every layer (PEFT)               | PEFT adapter                     |
 | prompt  | learned soft-prompt input embeddings (PEFT)                    | PEFT adapter                     |
@@ -25,6 +25,7 @@ from tuneforge.model.trained import read_run_meta
 from tuneforge.model.virtual_generation import use_virtual_token_generation
 
 PEFT_METHODS = ("lora", "dora", "qlora", "prefix", "prompt")
+MERGEABLE_METHODS = ("lora", "dora", "qlora")  # their update folds into the base weights
 
 
 def load_base_model(cfg: RunConfig, device: str) -> torch.nn.Module:
@@ -41,9 +42,11 @@ def _refuse_run_as_base(name: str) -> None:
     # Training on an adapter run would need its adapter underneath a second one; say what to do instead.
     meta = read_run_meta(Path(name)) if Path(name).is_dir() else None
     if meta is not None and meta.get("method") != "full":
-        raise ConfigError(f"model: {name} is a {meta.get('method')} run (an adapter on {meta.get('base_model')}), not a "
-                          f"base model; continue it with --resume in its own output_dir, or merge it first "
-                          f"(tuneforge merge) and train on the merged model")
+        method, base = meta.get("method"), meta.get("base_model")
+        other = ("merge it first (tuneforge merge) and train on the merged model" if method in MERGEABLE_METHODS
+                 else f"start a fresh run on its base {base}")
+        raise ConfigError(f"model: {name} is a {method} run (an adapter on {base}), not a base model; continue it "
+                          f"with --resume in its own output_dir, or {other}")
 
 
 def apply_method(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:

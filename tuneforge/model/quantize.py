@@ -37,7 +37,7 @@ def load_quantized_model(name: str, settings: QloraSettings, device: str, trust_
     try:
         import bitsandbytes  # noqa: F401  (transformers would report its absence less clearly)
     except ImportError as exc:
-        raise UserError(f"method qlora: needs bitsandbytes ({exc}); install it with: pip install bitsandbytes") from None
+        raise UserError(f"method qlora: needs bitsandbytes ({exc}); install it: pip install bitsandbytes") from None
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=settings.quant_type,
