@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 
 from tuneforge.config import EMBEDDED_MODEL, DataSettings
+from tuneforge.errors import OutputWriteError
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -18,8 +20,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                          args.balance_ratio, args.min_answer_tokens, args.format)
     plotted = bool(args.plot and report.lengths is not None and len(report.lengths))
     if plotted:
-        plot_histogram(report.lengths, args.max_length, args.plot,
-                       f"{len(report.lengths):,} rows, {args.model} tokens")
+        with _writing(f"--plot {args.plot}"):
+            plot_histogram(report.lengths, args.max_length, args.plot,
+                           f"{len(report.lengths):,} rows, {args.model} tokens")
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2, ensure_ascii=False)
         print()
@@ -37,7 +40,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.model) if args.drop_overlong else None
     report = check_files([args.file], tokenizer, args.model, args.max_length, near_threshold=args.near_dup_threshold,
                          fmt=args.format)
-    result = clean_file(args.file, args.output, report, args.drop_overlong)
+    with _writing(f"-o {args.output}"):
+        result = clean_file(args.file, args.output, report, args.drop_overlong)
     parts = ", ".join(f"{n:,} {kind}" for kind, n in sorted(result.dropped.items())) or "none"
     print(f"kept {result.kept:,} of {len(report.rows):,} rows -> {result.output}")
     print(f"dropped: {parts}; every dropped row and why: {result.report_path}")
@@ -47,7 +51,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tuneforge.data.convert import convert_file
 
-    result = convert_file(args.file, args.to, args.output)
+    with _writing(f"-o {args.output}"):
+        result = convert_file(args.file, args.to, args.output)
     print(f"converted {result.rows:,} rows ({result.source_format} -> {args.to}) -> {result.output}")
     return 0
 
@@ -55,13 +60,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from tuneforge.data.split import split_file
 
-    result = split_file(args.file, args.val, args.test, args.by, args.seed, args.out_dir)
+    with _writing(f"{args.file} split"):
+        result = split_file(args.file, args.val, args.test, args.by, args.seed, args.out_dir)
     for name, path in result.outputs.items():
         line = f"{name:<5} {result.counts.get(name, 0):>9,} rows -> {path}"
         if result.by_class:
             line += "  (" + ", ".join(f"{k}: {v:,}" for k, v in sorted(result.by_class[name].items())) + ")"
         print(line)
     return 0
+
+
+@contextmanager
+def _writing(what: str):
+    """An output the OS refuses (no such folder, no permission, a full disk) is one line and exit code 4; nothing
+    half-written is left, as every output is written atomically."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or what
+        raise OutputWriteError(f"{what}: cannot write {where}: {exc.strerror or exc}") from None
 
 
 def _tokenizer(name: str):

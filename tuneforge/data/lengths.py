@@ -4,7 +4,7 @@ Training renders each row with the chat template and tokenizes it piece by piece
 seconds per thousand rows. Here the template's own tokens are counted once per sequence of roles (on a copy of the
 row with empty turns, through the same `tokenize_example`), and each turn's text is tokenized in large batches by
 the Rust tokenizer; a row's length is the sum. That is exact whenever the template inserts turn text verbatim
-(as SmolLM2's, Llama's and Qwen's do; `tests/unit/test_data_lengths.py` checks it against `tokenize_example`).
+(as SmolLM2's, Llama's and Qwen's do; `tests/unit/test_data_check.py` checks it against `tokenize_example`).
 """
 
 from __future__ import annotations

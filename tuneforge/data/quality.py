@@ -341,6 +341,8 @@ def check_files(
                         measure()
         except DataError as exc:
             summary.error = str(exc)
+        except OSError as exc:  # a directory, no permission, an I/O error: the file is unreadable, exit 2
+            summary.error = f"{path}: cannot read: {exc.strerror or exc}"
         if summary.rows == 0 and not summary.error:
             report.problems.append(Problem(path, "no rows"))
     if counter is not None:
@@ -389,7 +391,7 @@ def _word_sets(paths: list[str], wanted: set[int]) -> dict[int, frozenset[str]]:
                     example = normalise_row(row, detect_format(row, where), where)
                     sets[index] = word_set(near_text(example))
                 index += 1
-        except DataError:
+        except (DataError, OSError):
             pass  # the file went unreadable in the first pass too; none of its later rows were candidates
     return sets
 
