@@ -30,7 +30,8 @@ def test_train_fails_on_a_broken_line_before_loading_any_model(tmp_path):
     # The model path does not exist: had training got as far as loading a tokenizer or model, the error would be
     # about the model. It must be about the data, naming file and line, with exit code 2 and no run directory.
     run_file = tmp_path / "run.yaml"
-    run_file.write_text(f"model: {tmp_path / 'no-such-model'}\ndata:\n  train: {path}\noutput_dir: {tmp_path / 'run'}\n")
+    run_file.write_text(f"model: {tmp_path / 'no-such-model'}\ndata:\n  train: {path}\n"
+                        f"output_dir: {tmp_path / 'run'}\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     # -X importtime lists every module the process imports (on stderr): torch must not be among them, which proves

@@ -113,7 +113,8 @@ def add_parsers(sub) -> None:
                    help="flag answers shorter than this (default %(default)s)")
     p.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     p.add_argument("--plot", metavar="OUT.png", help="write the token-length histogram as a PNG")
-    p.add_argument("--show", type=_positive_int, default=50, help="rows listed per section in the text report (default 50)")
+    p.add_argument("--show", type=_positive_int, default=50,
+                   help="rows listed per section in the text report (default 50)")
     p.set_defaults(func=cmd_check)
 
     p = verbs.add_parser("clean", help="write a copy without bad rows and with one row per duplicate group")
