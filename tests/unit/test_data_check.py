@@ -93,7 +93,7 @@ def test_every_problem_is_reported_at_its_line_with_its_reason(path):
     assert report.exit_code == 1
 
 
-def test_train_time_validation_finds_the_same_first_problem_per_row(tmp_path):
+def test_train_time_validation_finds_the_same_first_problem_per_row():
     """`tuneforge train` (load_examples_and_problems) and `data check` agree on which rows are bad and why."""
     from tuneforge.data.formats import load_examples_and_problems
 
