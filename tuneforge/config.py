@@ -90,6 +90,7 @@ class DataSettings:
     )
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: answer tokens only).")
     packing: bool = _f(True, "Concatenate examples into one padding-free row; attention never crosses examples.")
+    group_by_length: bool = _f(True, "Without packing: batch examples of similar length, so less goes to padding.")
     system_prompt: Union[str, None] = _f(None, "System message added to rows that have none (default: the template's).")
     on_error: Literal["fail", "skip"] = _f(
         "fail", "Bad rows (file:line: reason): 'fail' stops before the model loads; 'skip' trains without them."
@@ -101,7 +102,11 @@ class TrainSettings:
     epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).", min=1)
     max_steps: int = _f(0, "Stop after this many optimizer steps; 0 means run `epochs` epochs.", min=0)
     lr: float = _f(2e-4, "Peak learning rate.", min=0, min_exclusive=True)
-    batch_size: int = _f(8, "Examples per micro-batch.", min=1)
+    batch_size: int = _f(8, "Examples per micro-batch (unless tokens_per_batch is set).", min=1)
+    tokens_per_batch: int = _f(
+        0, "Fill each micro-batch up to this many tokens instead of batch_size examples (padded: rows x longest); "
+        "0 = off.", min=0
+    )
     grad_accum: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", min=1)
     warmup_ratio: float = _f(0.03, "Fraction of all steps spent warming the learning rate up from 0.", min=0, max=1)
     scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.")
@@ -116,6 +121,7 @@ class TrainSettings:
         0, "Stop after this many validations without a new best val loss, keeping the best weights; 0 = off.", min=0
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).")
+    compile: bool = _f(False, "torch.compile the decoder (dynamic shapes); see the README for what it gives here.")
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "Compute precision; 'auto' = bf16 autocast where the hardware has native bf16, else fp32."
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from tuneforge.data.batching import collate_packed, collate_padded, epoch_steps
+from tuneforge.data.batching import StepPlan, collate_packed, collate_padded, epoch_steps, steps_in_epochs
 from tuneforge.data.formats import normalise_row
 from tuneforge.data.tokenize import tokenize_example
 from tuneforge.model.attention import use_packed_attention
@@ -63,9 +65,53 @@ def test_packed_and_padded_gradients_match(tokenizer, tiny_model):
 
 
 def test_step_plan_is_layout_independent_and_covers_every_example_once():
-    steps = epoch_steps(21, 4, 2, seed=3, epoch=0)
+    lengths = [10] * 21
+    plan = StepPlan(batch_size=4, grad_accum=2, seed=3)
+    steps = epoch_steps(lengths, plan, epoch=0)
     flat = [i for step in steps for mb in step for i in mb]
     assert sorted(flat) == list(range(21))
     assert [sum(len(mb) for mb in step) for step in steps] == [8, 8, 5]
-    assert epoch_steps(21, 4, 2, seed=3, epoch=0) == steps
-    assert epoch_steps(21, 4, 2, seed=3, epoch=1) != steps
+    assert epoch_steps(lengths, plan, epoch=0) == steps
+    assert epoch_steps(lengths, plan, epoch=1) != steps
+    # packing alone never changes which examples a step takes (what is learned), only their memory layout
+    assert epoch_steps(lengths, StepPlan(4, 2, packing=False, group_by_length=False, seed=3), 0) == steps
+    assert steps_in_epochs(lengths, plan, 3) == 9
+
+
+def _lengths(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(5, 400, size=n).tolist()
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_tokens_per_batch_fills_micro_batches_up_to_the_budget(packing):
+    lengths = _lengths()
+    lengths[7] = 900  # longer than the budget: a micro-batch of its own
+    plan = StepPlan(batch_size=1, grad_accum=2, tokens_per_batch=600, packing=packing, group_by_length=False, seed=1)
+    steps = epoch_steps(lengths, plan, 0)
+    micro = [mb for step in steps for mb in step]
+    assert sorted(i for mb in micro for i in mb) == list(range(len(lengths)))
+    cost = (lambda mb: sum(lengths[i] for i in mb)) if packing else (lambda mb: len(mb) * max(lengths[i] for i in mb))
+    assert all(cost(mb) <= 600 or len(mb) == 1 for mb in micro)
+    assert [7] in micro
+    # greedy: no micro-batch could have taken the first example of the next one
+    for a, b in zip(micro, micro[1:]):
+        assert cost(a + b[:1]) > 600
+    assert steps_in_epochs(lengths, plan, 2) == len(steps) + len(epoch_steps(lengths, plan, 1))
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_example():
+    lengths = _lengths(800)
+    plain = StepPlan(batch_size=8, grad_accum=1, packing=False, group_by_length=False, seed=2)
+    grouped = StepPlan(batch_size=8, grad_accum=1, packing=False, group_by_length=True, seed=2)
+
+    def padded_tokens(plan):
+        return sum(len(mb) * max(lengths[i] for i in mb) for step in epoch_steps(lengths, plan, 0) for mb in step)
+
+    steps = epoch_steps(lengths, grouped, 0)
+    assert sorted(i for step in steps for mb in step for i in mb) == list(range(800))
+    assert padded_tokens(grouped) < 0.7 * padded_tokens(plain)
+    assert epoch_steps(lengths, grouped, 1) != steps  # still shuffled per epoch
+    # packing ignores grouping: a packed row has no padding to save
+    assert epoch_steps(lengths, StepPlan(8, 1, packing=True, group_by_length=True, seed=2), 0) == \
+        epoch_steps(lengths, plain, 0)

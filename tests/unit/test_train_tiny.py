@@ -81,3 +81,40 @@ def test_cli_train_and_generate(tiny_model_dir, data_file, tmp_path):
     assert "done: 2 steps" in result.stdout
     gen = run_cli("generate", str(out), "--prompt", "Repeat the number 3.", "--max-new-tokens", "4")
     assert gen.returncode == 0, gen.stderr
+
+
+def _step_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_packing_changes_nothing_that_is_learned(tiny_model_dir, data_file, tmp_path):
+    """Same optimizer steps and the same token-mean loss per step, packed or padded."""
+    common = ["data.val_split=0", "lora.dropout=0", "train.grad_accum=2", "train.batch_size=4"]
+    packed = train(config(tiny_model_dir, data_file, tmp_path / "p", *common), show_progress=False)
+    padded = train(config(tiny_model_dir, data_file, tmp_path / "u", *common, "data.packing=false",
+                          "data.group_by_length=false"), show_progress=False)
+    a, b = _step_losses(packed.run_dir), _step_losses(padded.run_dir)
+    assert packed.steps == padded.steps == len(a) == len(b) == 12
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+@pytest.mark.parametrize("extra", [["train.tokens_per_batch=200"],
+                                   ["train.tokens_per_batch=200", "data.packing=false"],
+                                   ["data.packing=false"]], ids=["tokens-packed", "tokens-padded", "grouped"])
+def test_token_budget_and_length_grouped_runs_train(tiny_model_dir, data_file, tmp_path, extra):
+    result = train(config(tiny_model_dir, data_file, tmp_path, "data.val_split=0", *extra), show_progress=False)
+    losses = _step_losses(result.run_dir)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == result.steps and losses[-1] < losses[0]
+    if "train.tokens_per_batch=200" in extra and "data.packing=false" not in extra:
+        assert all(r["tokens"] <= 200 for r in records if "tokens" in r)
+
+
+def test_compiled_layers_give_the_same_losses(tiny_model_dir, data_file, tmp_path):
+    common = ["data.val_split=0", "lora.dropout=0", "train.epochs=1"]
+    eager = train(config(tiny_model_dir, data_file, tmp_path / "e", *common), show_progress=False)
+    compiled = train(config(tiny_model_dir, data_file, tmp_path / "c", *common, "train.compile=true"),
+                     show_progress=False)
+    a, b = _step_losses(eager.run_dir), _step_losses(compiled.run_dir)
+    assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-4

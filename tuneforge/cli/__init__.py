@@ -29,7 +29,8 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("transformers", "httpx", "huggingface_hub", "peft"):
+    # bitsandbytes warns on import that an optional hub-downloaded CPU kernel is missing; its built-in path works.
+    for noisy in ("transformers", "httpx", "huggingface_hub", "peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 

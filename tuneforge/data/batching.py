@@ -1,7 +1,9 @@
 """Step plans and collation: which examples go into each optimizer step, and how they are laid out in memory.
 
-An optimizer step always consumes `batch_size x grad_accum` examples in the same order, packed or not: packing only
-changes the memory layout (one padding-free row instead of a padded rectangle), never what is learned.
+With `batch_size`, an optimizer step consumes `batch_size x grad_accum` examples in the same order, packed or not:
+packing only changes the memory layout (one padding-free row instead of a padded rectangle), never what is learned.
+With `tokens_per_batch`, micro-batches are filled up to a token budget instead, and unpacked batches can be grouped
+by length so little compute goes to padding.
 """
 
 from __future__ import annotations
@@ -14,25 +16,66 @@ import torch
 from tuneforge.data.tokenize import TokenizedExample
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a fixed function of (seed, epoch), so a resumed run sees the same order."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
+@dataclass(frozen=True)
+class StepPlan:
+    """How an epoch's examples become optimizer steps (see `epoch_steps`)."""
+
+    batch_size: int  # examples per micro-batch (when tokens_per_batch is 0)
+    grad_accum: int  # micro-batches per optimizer step
+    tokens_per_batch: int = 0  # > 0: fill each micro-batch up to this many tokens instead
+    packing: bool = True  # packed rows cost their real tokens; padded ones cost rows x longest row
+    group_by_length: bool = False  # padded only: batch examples of similar length to waste less on padding
+    seed: int = 0
 
 
-def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int) -> int:
-    per_step = batch_size * grad_accum
-    return -(-num_examples // per_step)
+# Length grouping sorts within windows of this many micro-batches' worth of the shuffled order (HF Trainer's
+# "megabatch" idea): enough to cut padding sharply, small enough that the epoch stays well shuffled.
+GROUP_WINDOW_BATCHES = 50
+GROUP_WINDOW_TOKENS_EXAMPLES = 256
 
 
-def epoch_steps(num_examples: int, batch_size: int, grad_accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
-    """Steps of one epoch, each a list of micro-batches of example indices. The last step may be smaller."""
-    order = epoch_order(num_examples, seed, epoch)
-    per_step = batch_size * grad_accum
-    steps = []
-    for start in range(0, num_examples, per_step):
-        chunk = order[start : start + per_step]
-        steps.append([chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)])
-    return steps
+def epoch_steps(lengths: list[int], plan: StepPlan, epoch: int) -> list[list[list[int]]]:
+    """Steps of one epoch, each a list of micro-batches of example indices; a pure function of (lengths, plan, epoch)
+    so a resumed run replays the same plan. The last step may be smaller."""
+    rng = np.random.default_rng([plan.seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    grouped = plan.group_by_length and not plan.packing
+    if grouped:
+        window = GROUP_WINDOW_TOKENS_EXAMPLES if plan.tokens_per_batch else GROUP_WINDOW_BATCHES * plan.batch_size
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start : start + window], key=lambda i: -lengths[i])]
+    if plan.tokens_per_batch:
+        micro = _fill_token_budget(order, lengths, plan.tokens_per_batch, plan.packing)
+    else:
+        micro = [order[i : i + plan.batch_size] for i in range(0, len(order), plan.batch_size)]
+    if grouped:  # sorted windows give batches from long to short; shuffle the batches, not their contents
+        micro = [micro[i] for i in rng.permutation(len(micro))]
+    return [micro[i : i + plan.grad_accum] for i in range(0, len(micro), plan.grad_accum)]
+
+
+def steps_in_epochs(lengths: list[int], plan: StepPlan, epochs: int) -> int:
+    """Optimizer steps in `epochs` epochs (token budgets make the count depend on each epoch's order)."""
+    if not plan.tokens_per_batch:
+        per_epoch = -(-len(lengths) // plan.batch_size)
+        return epochs * -(-per_epoch // plan.grad_accum)
+    return sum(len(epoch_steps(lengths, plan, e)) for e in range(epochs))
+
+
+def _fill_token_budget(order: list[int], lengths: list[int], budget: int, packing: bool) -> list[list[int]]:
+    """Greedy micro-batches in `order`, each costing at most `budget` tokens (an example longer than the budget gets a
+    micro-batch of its own). A packed row costs the sum of its lengths; a padded one rows x its longest row."""
+    batches, current, longest, total = [], [], 0, 0
+    for i in order:
+        n = lengths[i]
+        cost = total + n if packing else (len(current) + 1) * max(longest, n)
+        if current and cost > budget:
+            batches.append(current)
+            current, longest, total = [], 0, 0
+        current.append(i)
+        longest, total = max(longest, n), total + n
+    if current:
+        batches.append(current)
+    return batches
 
 
 @dataclass

@@ -24,7 +24,7 @@ import yaml
 
 from tuneforge import __version__
 from tuneforge.config import RunConfig, validate_for_training
-from tuneforge.data.batching import collate, epoch_steps, steps_per_epoch
+from tuneforge.data.batching import StepPlan, collate, epoch_steps, steps_in_epochs
 from tuneforge.data.formats import Example
 from tuneforge.data.prepare import read_raw, tokenize_data
 from tuneforge.errors import ConfigError, Preempted, TrainingStopped
@@ -32,7 +32,7 @@ from tuneforge.model.attention import use_packed_attention, use_standard_attenti
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
 from tuneforge.train import checkpoint as ckpt
-from tuneforge.train.forward import batch_loss_sum
+from tuneforge.train.forward import batch_loss_sum, causal_lm_of
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
 from tuneforge.train.signals import StopRequests
 from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses, truncate_metrics
@@ -45,7 +45,8 @@ SPIKE_WINDOW = 50  # steps in the running mean that loss spikes are measured aga
 RESUME_MUST_MATCH = ("model", "method", "lora.r", "lora.target_modules", "qlora.quant_type", "adapter.placement",
                      "adapter.reduction_factor", "adapter.bottleneck_dim", "prefix.num_virtual_tokens",
                      "prompt.num_virtual_tokens", "data.train", "data.format",
-                     "data.max_length", "train.seed", "train.batch_size", "train.grad_accum")
+                     "data.max_length", "data.packing", "data.group_by_length", "train.seed", "train.batch_size",
+                     "train.tokens_per_batch", "train.grad_accum")
 
 
 @dataclass
@@ -103,13 +104,20 @@ def train(cfg: RunConfig, show_progress: bool = True,
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the gradient path
     if cfg.data.packing:
         use_packed_attention(model)
+    if cfg.train.compile:
+        # Per decoder layer, in place: parameter names and saving stay as they are, and one compiled graph serves
+        # every layer. dynamic=True because packed rows change length every step.
+        for layer in causal_lm_of(model).get_decoder().layers:
+            layer.compile(dynamic=True)
     log.info("%s", parameter_report(model))
     optimizer = build_optimizer(model, cfg.train)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     t = cfg.train
-    per_epoch = steps_per_epoch(len(data.train), t.batch_size, t.grad_accum)
-    total_steps = t.max_steps or t.epochs * per_epoch
+    lengths = [len(ex.input_ids) for ex in data.train]
+    step_plan = StepPlan(t.batch_size, t.grad_accum, t.tokens_per_batch, cfg.data.packing, cfg.data.group_by_length,
+                         t.seed)
+    total_steps = t.max_steps or steps_in_epochs(lengths, step_plan, t.epochs)
     pad_id = tokenizer.pad_token_id
     state, best_state = TrainerState(), None
     if resume_from is not None:
@@ -133,7 +141,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     model.train()
     with StopRequests() as stop:
         while state.step < total_steps and not stopped_early:
-            plan = epoch_steps(len(data.train), t.batch_size, t.grad_accum, t.seed, state.epoch)
+            plan = epoch_steps(lengths, step_plan, state.epoch)
             # On resume the first `step_in_epoch` steps of this epoch were already taken: the data position.
             for micro_batches in plan[state.step_in_epoch:]:
                 if state.step >= total_steps:
