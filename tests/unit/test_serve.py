@@ -90,7 +90,7 @@ class Reference:
         from tuneforge.model.trained import load_for_inference
 
         if source not in self.loaded:
-            self.loaded[source] = load_for_inference(source) if not source.endswith("-dora") else dora_on_base(source)
+            self.loaded[source] = load_for_inference(source)
         model, _ = self.loaded[source]
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
@@ -107,16 +107,6 @@ class Reference:
                                add_special_tokens=False)["input_ids"]
         generated = self.ids(source, prompt_ids, max_tokens)
         return decode(tokenizer, generated), len(generated)
-
-
-def dora_on_base(run: str):
-    """load_for_inference reads lora and full runs; a DoRA run is its PEFT adapter on the base, loaded the same way."""
-    from peft import PeftModel
-
-    from tuneforge.model.load import load_model, load_tokenizer
-
-    base = json.loads((Path(run) / "tuneforge.json").read_text())["base_model"]
-    return PeftModel.from_pretrained(load_model(base), run).eval(), load_tokenizer(run)
 
 
 def decode(tokenizer, ids: list[int]) -> str:
@@ -408,8 +398,8 @@ def test_dora_adapters_are_served_beside_lora_ones(tiny_model_dir, runs, tmp_pat
     groups: list[list] = []
     decode_group = served.engine._decode_group
     monkeypatch.setattr(served.engine, "_decode_group",
-                        lambda jobs, only_adapter: (groups.append(sorted(j.adapter or "base" for j in jobs)),
-                                                    decode_group(jobs, only_adapter)))
+                        lambda jobs, route: (groups.append(sorted(j.adapter or "base" for j in jobs)),
+                                                    decode_group(jobs, route)))
     asks = [("dora", QUESTIONS[0]), ("plain", QUESTIONS[1]), ("dora", QUESTIONS[2]), (str(tiny_model_dir), QUESTIONS[3])]
     try:
         with TestClient(build_app(served)) as local:

@@ -11,6 +11,7 @@ no lock.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -27,6 +28,8 @@ from tuneforge.deploy.adapters import BASE_ROW
 from tuneforge.deploy.reply_text import ReplyText
 
 log = logging.getLogger("tuneforge")
+
+MIXED = "__mixed__"  # a batch whose rows name different adapters: PEFT's per-row `adapter_names`
 
 
 @dataclass
@@ -142,17 +145,19 @@ class Engine:
             job.emit(Failed(f"model {job.adapter!r} was unloaded", status=404))
         jobs = [j for j in jobs if j.adapter is None or j.adapter in known]
         dora = {name for name in known if getattr(self.model.peft_config[name], "use_dora", False)}
-        mixed = [j for j in jobs if j.adapter not in dora]
-        if mixed:
-            self._decode_group(mixed, only_adapter=None)
+        shared = [j for j in jobs if j.adapter not in dora]
+        if shared:
+            names = {j.adapter or BASE_ROW for j in shared}
+            # One adapter (or the base) for every row skips PEFT's per-row split, which costs on every layer.
+            self._decode_group(shared, route=names.pop() if len(names) == 1 else MIXED)
         for name in sorted({j.adapter for j in jobs} & dora):
-            self._decode_group([j for j in jobs if j.adapter == name], only_adapter=name)
+            self._decode_group([j for j in jobs if j.adapter == name], route=name)
 
-    def _decode_group(self, jobs: list[Job], only_adapter: str | None) -> None:
-        """Decode `jobs` together: per-row adapters (only_adapter None), or all rows on the one adapter given."""
+    def _decode_group(self, jobs: list[Job], route: str) -> None:
+        """Decode `jobs` together. route: MIXED (each row its own adapter), BASE_ROW, or the one adapter of all rows."""
         model = self.model
-        if only_adapter is not None:
-            model.set_adapter(only_adapter)
+        if route not in (MIXED, BASE_ROW) and hasattr(model, "peft_config"):
+            model.set_adapter(route)
         device = next(model.parameters()).device
         width = max(len(j.prompt_ids) for j in jobs)
         # Left padding puts every prompt's last token in the last column, where decoding continues.
@@ -167,7 +172,7 @@ class Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=getattr(model, "config", None))
-        logits = self._forward(model, input_ids, mask, positions, cache, rows, only_adapter)
+        logits = self._forward(model, input_ids, mask, positions, cache, rows, route)
         while True:
             next_tokens = [row.sample(logits[i]) for i, row in enumerate(rows)]
             keep = [i for i, (row, token) in enumerate(zip(rows, next_tokens)) if not row.advance(token, self.eos_ids)]
@@ -182,16 +187,19 @@ class Engine:
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             step_ids = torch.tensor(next_tokens, device=device).unsqueeze(1)
-            logits = self._forward(model, step_ids, mask, positions, cache, rows, only_adapter)
+            logits = self._forward(model, step_ids, mask, positions, cache, rows, route)
 
-    def _forward(self, model, input_ids, mask, positions, cache, rows, only_adapter) -> torch.Tensor:
+    def _forward(self, model, input_ids, mask, positions, cache, rows, route: str) -> torch.Tensor:
+        is_peft = hasattr(model, "peft_config")
         extra = {}
-        if hasattr(model, "peft_config") and only_adapter is None:
+        if is_peft and route == MIXED:
             extra["adapter_names"] = [row.job.adapter or BASE_ROW for row in rows]
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = model.get_base_model() if is_peft else model
         extra[_cache_keyword(type(base))] = cache
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **extra)
+        adapters_off = model.disable_adapter() if is_peft and route == BASE_ROW else contextlib.nullcontext()
+        with adapters_off:
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
 
 

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 
 from tuneforge.errors import UserError
 from tuneforge.model.load import load_model, load_tokenizer
@@ -59,7 +58,7 @@ def merged_model(run_dir: Path, meta: dict | None = None) -> torch.nn.Module:
     check_mergeable(run_dir, meta)
     base = load_model(meta["base_model"], dtype=torch.float32)
     if meta["method"] == "qlora":
-        dequantize_like_qlora(base, qlora_settings(run_dir))
+        use_dequantized_4bit_weights(base, meta["base_model"], run_dir)
     model = PeftModel.from_pretrained(base, str(run_dir))
     model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/Inf weights instead of writing them
     model.eval()
@@ -88,26 +87,21 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") 
     return out_dir
 
 
-def qlora_settings(run_dir: Path) -> dict:
-    """NF4 settings the run was trained with (its resolved config.yaml), defaulting to the QLoRA paper's."""
-    settings = {"quant_type": "nf4", "double_quant": True, "blocksize": 64}
-    config_file = run_dir / "config.yaml"
-    if config_file.is_file():
-        cfg = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        for section in ("qlora", "quantization"):
-            if isinstance(cfg.get(section), dict):
-                settings.update({k: v for k, v in cfg[section].items() if k in settings})
-    return settings
-
-
 @torch.no_grad()
-def dequantize_like_qlora(model: torch.nn.Module, settings: dict) -> None:
-    """Replace each linear weight (lm_head excluded, as in QLoRA) by its NF4 round trip, in place."""
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+def use_dequantized_4bit_weights(model: torch.nn.Module, base_model: str, run_dir: Path) -> None:
+    """Give `model` (the float32 base) the weights of the 4-bit base the QLoRA adapter was trained on, dequantized.
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            weight = module.weight.data
-            packed, state = quantize_4bit(weight, quant_type=settings["quant_type"], blocksize=settings["blocksize"],
-                                          compress_statistics=settings["double_quant"])
-            module.weight.data = dequantize_4bit(packed, state).to(weight.dtype).reshape(weight.shape)
+    The 4-bit base is loaded exactly as training and `load_for_inference` load it (same settings from the run's
+    config.yaml, same layers left in full precision), so the merged model computes what the trained model did.
+    """
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    from tuneforge.model.quantize import load_quantized_model, run_qlora_settings
+
+    quantized = load_quantized_model(base_model, run_qlora_settings(run_dir), "cpu")
+    targets = dict(model.named_modules())
+    for name, module in quantized.named_modules():
+        if isinstance(module, Linear4bit):
+            weight = dequantize_4bit(module.weight.data, module.weight.quant_state)
+            targets[name].weight.data = weight.to(torch.float32).reshape(targets[name].weight.shape)
