@@ -199,7 +199,7 @@ def test_llama_cpp_greedy_output_matches_transformers(exported, tiny_model_dir, 
             out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
         expected = out[0, len(ids):].tolist()
         got = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
             got.append(token)
             if len(got) == len(expected):
                 break
