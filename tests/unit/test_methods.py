@@ -343,3 +343,26 @@ def test_lora_parameter_count_on_llama2_7b_meta():
     assert trainable == expected and base_total == 6_738_415_616 and total == base_total + expected
     assert parameter_report(wrapped) == ("trainable params: 39,976,960 || all params: 6,778,392,576 || "
                                          "trainable%: 0.5898")
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_multiple_choice_scores_prompt_learning_with_its_virtual_tokens(method, tiny_model, tiny_model_dir, tokenizer):
+    """log P(continuation | context) equals minus the training loss path's summed loss on the same tokens (that path
+    equals PEFT's own forward, tested above), so MC scoring sees the learned prompt/prefix."""
+    from tuneforge.eval.multiple_choice import continuation_logliks
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", f"method={method}", f"{method}.num_virtual_tokens=5"])
+    model = apply_method(tiny_model, cfg).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.5)
+    requests = [("Question: which colour is the sky?\nAnswer:", " blue"), ("Two plus two is", " four, of course")]
+    scores = continuation_logliks(model, tokenizer, requests, batch_size=2)
+    for (context, continuation), score in zip(requests, scores):
+        ctx = tokenizer(context)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        example = TokenizedExample(ctx + cont, [False] * len(ctx) + [True] * len(cont), source="test")
+        with torch.no_grad():
+            expected = -batch_loss_sum(model, collate_padded([example], tokenizer.pad_token_id)).item()
+        assert abs(score - expected) < 1e-4

@@ -22,7 +22,9 @@ import torch
 from tuneforge.data.formats import read_rows
 from tuneforge.errors import DataError
 from tuneforge.eval.attention_guard import standard_attention
+from tuneforge.data.batching import Batch
 from tuneforge.train.forward import causal_lm_of
+from tuneforge.train.virtual_tokens import decoder_inputs
 
 LETTERS = string.ascii_uppercase
 STYLES = ("letter", "text")
@@ -139,17 +141,25 @@ def continuation_logliks(model, tokenizer, requests: list[tuple[str, str]], batc
                 width = max(len(rows[i][0]) for i in chunk)
                 ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
                 mask = torch.zeros_like(ids)
-                for r, i in enumerate(chunk):
-                    ids[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
-                    mask[r, : len(rows[i][0])] = 1
-                hidden = lm.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                          use_cache=False).last_hidden_state
+                predict_at, targets, counts = [], [], []
                 for r, i in enumerate(chunk):
                     tokens, ctx_len = rows[i]
+                    ids[r, : len(tokens)] = torch.tensor(tokens)
+                    mask[r, : len(tokens)] = 1
                     # Positions ctx_len-1 .. len-2 predict the continuation's tokens.
-                    logits = lm.get_output_embeddings()(hidden[r, ctx_len - 1 : len(tokens) - 1]).float()
-                    targets = torch.tensor(tokens[ctx_len:], device=logits.device)
-                    results[i] = float(torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum())
+                    predict_at += range(r * width + ctx_len - 1, r * width + len(tokens) - 1)
+                    targets += tokens[ctx_len:]
+                    counts.append(len(tokens) - ctx_len)
+                batch = Batch(ids, torch.arange(width).expand(len(chunk), width).contiguous(), mask, None,
+                              torch.tensor(predict_at), torch.tensor(targets), int(mask.sum())).to(device)
+                # The training forward's inputs: prompt/prefix-tuned models get their learned virtual tokens here.
+                inputs, at = decoder_inputs(model, lm, batch)
+                hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+                hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
+                logits = lm.get_output_embeddings()(hidden).float()
+                scores = torch.log_softmax(logits, -1).gather(1, batch.targets[:, None]).squeeze(1)
+                for i, part in zip(chunk, scores.split(counts)):
+                    results[i] = float(part.sum())
     finally:
         model.train(was_training)
     return results
