@@ -259,7 +259,7 @@ def test_full_disk_gives_clear_error_and_keeps_last_checkpoint(tiny_model_dir, d
     mount = tmp_path / "tiny-fs"
     if _small_tmpfs(mount, 600):
         out = mount / "run"  # a real full filesystem: checkpoints pile up (keep_last=100) until it is full
-        cleanup = lambda: subprocess.run(["umount", str(mount)], capture_output=True)  # noqa: E731
+        cleanup = lambda: subprocess.run(["umount", "--lazy", str(mount)], capture_output=True)  # noqa: E731
     else:  # no permission to mount here: inject the same error the kernel would give
         import errno
 
