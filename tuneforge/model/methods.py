@@ -135,12 +135,8 @@ def linear_module_names(model: torch.nn.Module) -> set[str]:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights counted once; 4-bit weights by their original size."""
-    seen: set[int] = set()
     trainable = total = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
+    for param in model.parameters():  # yields a tied (shared) weight once
         quant_state = getattr(param, "quant_state", None)  # bitsandbytes packs two 4-bit values per stored byte
         count = quant_state.shape.numel() if quant_state is not None else param.numel()
         total += count

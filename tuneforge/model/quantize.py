@@ -64,12 +64,8 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes the weights would take in float32, bytes they take now incl. quantization scales); tied weights once."""
     import bitsandbytes as bnb
 
-    seen: set[int] = set()
     full = now = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
+    for param in model.parameters():  # yields a tied (shared) weight once
         if isinstance(param, bnb.nn.Params4bit) and param.quant_state is not None:
             state = param.quant_state
             full += state.shape.numel() * 4
