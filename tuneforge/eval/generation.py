@@ -1,15 +1,20 @@
 """Batched generation: chat replies (with the model's chat template) and raw text continuations (code completion).
 
 Greedy by default. Prompts are generated in batches of similar length (sorted by token count, results returned in
-the caller's order), left-padded so that every prompt's last token sits at the end of its row.
+the caller's order), left-padded so that every prompt's last token sits at the end of its row. Prompt- and
+prefix-tuned models generate behind their learned virtual tokens (tuneforge.model.virtual_generation) whether or not
+the model object was loaded for inference: mid-training, PEFT's own `generate` would drop a prefix silently.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from tuneforge.data.tokenize import ensure_chat_template, render_prompt
 from tuneforge.eval.attention_guard import standard_attention
+from tuneforge.model.virtual_generation import generate_with_virtual_tokens, prompt_learning_type
 
 
 def generate_replies(
@@ -52,6 +57,8 @@ def generate_texts(
         sampling.update(stop_strings=list(stop), tokenizer=tokenizer)
     results: list[str] = [""] * len(prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    generate = functools.partial(generate_with_virtual_tokens, model) if prompt_learning_type(model) else \
+        model.generate
     was_training = model.training
     model.eval()
     try:
@@ -60,7 +67,7 @@ def generate_texts(
                 chunk = order[start : start + batch_size]
                 enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                                 add_special_tokens=add_special_tokens).to(device)
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                out = generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                      **sampling)
                 texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 for i, text in zip(chunk, texts):

@@ -187,7 +187,7 @@ def generate_completions(model, tokenizer, problems: list[Problem], samples: int
                          batch_size: int = 8, temperature: float = 0.0, top_p: float = 0.95) -> list[list[str]]:
     """`samples` continuations of each problem's prompt (raw text, no chat template), cut at the stop sequences."""
     if samples > 1 and temperature <= 0:
-        raise UserError("--humaneval-samples above 1 needs --temperature > 0 (greedy samples are all the same)")
+        raise UserError("--samples above 1 needs --temperature > 0 (greedy samples are all the same)")
     prompts = [p.prompt for p in problems for _ in range(samples)]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p,
                            stop=STOP_SEQUENCES, add_special_tokens=True)
@@ -201,7 +201,7 @@ def evaluate_humaneval(model, tokenizer, path: str = BUILTIN, limit: int | None 
     """(pass@k scores, one record per sample) of a model on HumanEval problems."""
     bad_k = [k for k in ks if k > samples]
     if bad_k:
-        raise UserError(f"--humaneval-k {bad_k[0]}: needs at least that many --humaneval-samples (got {samples})")
+        raise UserError(f"--k {bad_k[0]}: needs at least that many --samples (got {samples})")
     problems = load_problems(path, limit)
     completions = generate_completions(model, tokenizer, problems, samples, max_new_tokens, batch_size,
                                        temperature, top_p)
