@@ -1,10 +1,19 @@
 """`tuneforge export --format gguf`: the file reads back (gguf's own reader, transformers' GGUF loader and, where it
 is installed, llama.cpp itself) as the model it was written from: same tensors, metadata, tokenizer, chat template
-and logits."""
+and logits.
+
+llama.cpp runs through `llama-cpp-python` where it is installed (it compiles llama.cpp from source), else through the
+prebuilt llama.cpp binaries of the npm package node-llama-cpp, installed with
+`npm install --prefix ~/.cache/tuneforge/node-llama-cpp node-llama-cpp@3.21.1` (or the folder in
+$TUNEFORGE_NODE_LLAMA_CPP); with neither, the llama.cpp tests are skipped and say so."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +23,100 @@ import torch
 from tests.conftest import run_cli, tiny_llama_config
 from tests.unit.test_merge import IDS, make_lora_run
 
-HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+NODE_LLAMA_CPP = Path(os.environ.get("TUNEFORGE_NODE_LLAMA_CPP",
+                                     Path.home() / ".cache" / "tuneforge" / "node-llama-cpp"))
+NODE_LLAMA_CPP_ENTRY = NODE_LLAMA_CPP / "node_modules" / "node-llama-cpp" / "dist" / "index.js"
+if importlib.util.find_spec("llama_cpp") is not None:
+    LLAMA_CPP_RUNNER = "llama-cpp-python"
+elif shutil.which("node") and NODE_LLAMA_CPP_ENTRY.is_file():
+    LLAMA_CPP_RUNNER = "node-llama-cpp"
+else:
+    LLAMA_CPP_RUNNER = None
+needs_llama_cpp = pytest.mark.skipif(
+    LLAMA_CPP_RUNNER is None,
+    reason="no llama.cpp to run the GGUF file: pip install llama-cpp-python (compiles llama.cpp from source), or "
+           "npm install --prefix ~/.cache/tuneforge/node-llama-cpp node-llama-cpp@3.21.1 (prebuilt binaries)")
+
+# Greedy decoding in llama.cpp through node-llama-cpp: per prompt, llama.cpp's own tokenization of the text and, for
+# the given token ids, each generated token with the probability llama.cpp gave it (end-of-generation tokens too).
+NODE_GREEDY = """
+import {readFileSync} from "node:fs";
+import {pathToFileURL} from "node:url";
+const request = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const {getLlama} = await import(pathToFileURL(request.entry).href);
+const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
+const model = await llama.loadModel({modelPath: request.model});
+const context = await model.createContext({contextSize: request.n_ctx, threads: 1});
+const answers = [];
+for (const prompt of request.prompts) {
+  const sequence = context.getSequence();
+  const tokens = [], probabilities = [];
+  for await (const step of sequence.evaluateWithMetadata(prompt.ids, {confidence: true},
+                                                          {temperature: 0, yieldEogToken: true})) {
+    tokens.push(step.token);
+    probabilities.push(step.confidence);
+    if (tokens.length >= request.max_tokens) break;
+  }
+  answers.push({tokenized: Array.from(model.tokenize(prompt.text, true)), tokens, probabilities});
+  sequence.dispose();
+}
+console.log(JSON.stringify(answers));
+process.exit(0);
+"""
+
+
+def llama_cpp_greedy(gguf_file: Path, prompts: list[tuple[str, list[int]]], max_tokens: int) -> list[dict]:
+    """For each (text, token ids): llama.cpp's tokenization of the text ("tokenized") and its greedy continuation of
+    the ids ("tokens", end-of-generation tokens included; "probabilities" where the runner reports them)."""
+    if LLAMA_CPP_RUNNER == "llama-cpp-python":
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(gguf_file), n_ctx=256, n_threads=1, verbose=False)
+        answers = []
+        for text, ids in prompts:
+            tokens = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                tokens.append(token)
+                if len(tokens) == max_tokens:
+                    break
+            answers.append({"tokenized": llm.tokenize(text.encode(), add_bos=False, special=True), "tokens": tokens})
+        return answers
+    request = {"entry": str(NODE_LLAMA_CPP_ENTRY), "model": str(gguf_file), "n_ctx": 256, "max_tokens": max_tokens,
+               "prompts": [{"text": text, "ids": ids} for text, ids in prompts]}
+    # A script file, not `node -e`: node-llama-cpp tests its binary in a child process started with node's own
+    # arguments, which would run an -e script again.
+    script, request_file = gguf_file.with_name("llama_cpp_greedy.mjs"), gguf_file.with_name("llama_cpp_request.json")
+    script.write_text(NODE_GREEDY)
+    request_file.write_text(json.dumps(request))
+    try:
+        result = subprocess.run(["node", str(script), str(request_file)], capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "NODE_NO_WARNINGS": "1"})
+    finally:
+        script.unlink()
+        request_file.unlink()
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def transformers_greedy(model, ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens (no stopping at end-of-generation, like llama_cpp_greedy) and the probability of each."""
+    tokens, probabilities = [], []
+    with torch.no_grad():
+        for _ in range(max_tokens):  # the whole sequence each step: short prompts, and no cache API to depend on
+            probs = model(input_ids=torch.tensor([ids + tokens])).logits[0, -1].float().softmax(-1)
+            tokens.append(int(probs.argmax()))
+            probabilities.append(float(probs[tokens[-1]]))
+    return tokens, probabilities
+
+
+def assert_llama_cpp_matches(answers: list[dict], expected: list[tuple[list[int], list[float]]],
+                             prompts: list[tuple[str, list[int]]]) -> None:
+    """Same tokenization, same greedy tokens; where llama.cpp reports probabilities, the same ones (f32 file)."""
+    for answer, (tokens, probabilities), (text, ids) in zip(answers, expected, prompts):
+        assert answer["tokenized"] == ids, text  # llama.cpp tokenizes the text as the HF tokenizer does
+        assert answer["tokens"] == tokens, text
+        if "probabilities" in answer:
+            assert np.allclose(answer["probabilities"], probabilities, rtol=1e-2, atol=1e-4), text
 
 
 def source_logits(model_dir: Path) -> torch.Tensor:
@@ -181,29 +283,44 @@ def test_bad_exports_are_refused_in_one_line(tiny_model_dir, tokenizer, tmp_path
     result = run_cli("export", str(tiny_model_dir), "--quant", "q8_0", "-o", str(taken), "--force")
     assert result.returncode == 0, result.stderr
     assert taken.read_bytes()[:4] == b"GGUF"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert taken.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any new file is, not owner-only
 
 
-@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (optional: pip install "
-                                              "llama-cpp-python, which compiles llama.cpp from source)")
-def test_llama_cpp_greedy_output_matches_transformers(exported, tiny_model_dir, tokenizer):
-    from llama_cpp import Llama
+@pytest.fixture(scope="module")
+def sharp_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama with 10x larger random weights. At the usual 0.02 scale attention is nearly uniform and every
+    prompt greedily repeats one token, so a GGUF with wrongly ordered q/k rows still matched; at 0.2 it does not."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sharp-llama")
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), initializer_range=0.2)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@needs_llama_cpp
+def test_llama_cpp_greedy_output_matches_transformers(sharp_model_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    prompts = ["The capital of Finland is", "def add(a, b):", "Ines Kowalski opened a cafe in"]
-    llm = Llama(model_path=str(exported["f32"]), n_ctx=128, n_threads=2, verbose=False)
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # same tokenizer in llama.cpp
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
-        expected = out[0, len(ids):].tolist()
-        got = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            got.append(token)
-            if len(got) == len(expected):
-                break
-        assert got == expected, prompt
-    quantized = Llama(model_path=str(exported["q8_0"]), n_ctx=128, n_threads=2, verbose=False)
-    answer = quantized.create_completion(prompts[0], max_tokens=4, temperature=0.0)
-    assert answer["usage"]["completion_tokens"] >= 1
+    from tuneforge.deploy.gguf_export import export_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
+    texts = ["The capital of Finland is", "def add(a, b):", "Ines Kowalski opened a cafe in",
+             "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
+    prompts = [(text, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    expected = [transformers_greedy(model, ids, 8) for _, ids in prompts]
+    assert len({tokens[0] for tokens, _ in expected}) == len(prompts)  # the model really tells the prompts apart
+    f32 = export_gguf(str(sharp_model_dir), tmp_path / "sharp-f32.gguf", "f32")
+    assert_llama_cpp_matches(llama_cpp_greedy(f32, prompts, 8), expected, prompts)
+    q8 = export_gguf(str(sharp_model_dir), tmp_path / "sharp-q8_0.gguf", "q8_0")
+    quantized = llama_cpp_greedy(q8, prompts, 8)
+    assert all(len(answer["tokens"]) == 8 for answer in quantized)  # loads and answers
+    first = [answer["tokens"][0] == tokens[0] for answer, (tokens, _) in zip(quantized, expected)]
+    # Random weights give flat distributions (top token ~0.5%), so 8-bit rounding may flip a near tie: most first
+    # tokens agree, not all; the e2e test checks q8_0 answers on a trained model.
+    print(f"llama.cpp ({LLAMA_CPP_RUNNER}): f32 greedy = transformers token for token; q8_0 first token agrees on "
+          f"{sum(first)}/{len(first)} prompts")
+    assert sum(first) >= len(first) // 2

@@ -89,6 +89,9 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's owner-only 0600
         os.replace(tmp_name, out_file)  # atomic: a half-written file never carries the name
     finally:
         if os.path.exists(tmp_name):
