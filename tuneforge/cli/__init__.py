@@ -9,11 +9,11 @@ import argparse
 import logging
 import sys
 
-from tuneforge.cli import chat, data, deploy, evaluate, train
+from tuneforge.cli import chat, data, deploy, evaluate, plan, train
 from tuneforge.errors import UserError
 
 # The table: every subcommand family, in the order `tuneforge --help` lists them.
-FAMILIES = [train, data, evaluate, chat, deploy]
+FAMILIES = [train, data, evaluate, chat, deploy, plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

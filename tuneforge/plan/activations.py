@@ -31,6 +31,15 @@ class ActivationCount:
     def largest_layer(self) -> int:
         return max(self.per_layer, default=0)
 
+    def scaled_to(self, depth: int) -> "ActivationCount":
+        """The count of the same model `depth` layers deep: the last counted layer stands for the missing ones."""
+        missing = depth - len(self.per_layer)
+        if missing <= 0:
+            return self
+        per_layer = self.per_layer + (self.per_layer[-1],) * missing
+        inputs = self.layer_inputs + (self.layer_inputs[-1],) * missing
+        return ActivationCount(sum(per_layer) + self.outside_layers, per_layer, inputs, self.outside_layers)
+
     @property
     def with_checkpointing(self) -> int:
         """Checkpointing keeps each layer's input and recomputes one layer at a time during backward."""

@@ -5,12 +5,11 @@ model + method, and the pre-flight lines `tuneforge train` prints before it load
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 
-from tuneforge.config import RunConfig
+from tuneforge.config import RunConfig, config_from_dict
 from tuneforge.errors import UserError
 from tuneforge.plan.data_shape import DataShape, measure_data
 from tuneforge.plan.memory import METHODS, MemoryEstimate, MemorySpec, estimate_memory
@@ -72,6 +71,21 @@ def spec_from_config(cfg: RunConfig, shape: DataShape | None = None, *, device: 
     )
 
 
+def config_for(model: str | None = None, method: str | None = None, r: int | None = None,
+               seq_len: int | None = None, batch: int | None = None, gradient_checkpointing: bool = False,
+               device: str | None = None) -> RunConfig:
+    """A run config from `tuneforge estimate --model ...` options; what is not given keeps config.py's default."""
+    raw: dict = {"lora": {}, "data": {}, "train": {}}
+    for section, key, value in (("", "model", model), ("", "method", method), ("lora", "r", r),
+                                ("data", "max_length", seq_len), ("train", "batch_size", batch),
+                                ("train", "device", device)):
+        if value is not None:
+            (raw[section] if section else raw)[key] = value
+    if gradient_checkpointing:
+        raw["train"]["gradient_checkpointing"] = True
+    return config_from_dict(raw)
+
+
 def data_shape_of(cfg: RunConfig) -> DataShape | None:
     if cfg.data.train is None:
         return None
@@ -98,6 +112,15 @@ class TimeEstimate:
         return (f"time: {self.tokens_per_epoch:,} tokens an epoch at {self.tokens_per_s:,.0f} tokens/s "
                 f"({self.source}) = {format_duration(self.seconds_per_epoch)} an epoch, "
                 f"{format_duration(total)} for {self.epochs} epoch{'s' if self.epochs != 1 else ''}")
+
+
+def time_per_epoch(cfg: RunConfig, shape: DataShape | None, tokens_per_s: float, source: str) -> TimeEstimate:
+    """Expected time per epoch at a measured throughput, from the tokens of the run's data."""
+    if shape is None or not shape.num_examples:
+        raise UserError("estimate: time per epoch needs the run's data (data.train) to count its tokens")
+    if tokens_per_s <= 0:
+        raise UserError(f"--tokens-per-s: got {tokens_per_s}, must be > 0")
+    return TimeEstimate(shape.total_tokens, tokens_per_s, cfg.train.epochs, source)
 
 
 def format_duration(seconds: float) -> str:
@@ -169,30 +192,46 @@ def available_memory(device: str) -> tuple[int | None, str]:
         return None, "RAM available (unknown on this system)"
 
 
-def preflight(cfg: RunConfig, num_examples: int | None, max_tokens_per_example: int | None) -> str:
-    """Lines for `tuneforge train` to print before it loads the model: the estimated peak by component, and a
-    warning line when it exceeds the memory available (GPU memory, or RAM on CPU)."""
+def micro_batch_of(cfg: RunConfig) -> tuple[int, ...]:
+    """Token lengths of the largest micro-batch a run can form, without reading its data: `batch_size` examples of
+    `max_length` (or `tokens_per_batch` tokens when set). An upper bound: real examples are usually shorter."""
+    longest = cfg.data.max_length
+    budget = cfg.train.tokens_per_batch
+    if budget > 0:
+        full, rest = divmod(budget, longest)
+        return (longest,) * full + ((rest,) if rest else ()) if full else (budget,)
+    return (longest,) * cfg.train.batch_size
+
+
+def preflight_report(cfg: RunConfig) -> tuple[str, str | None]:
+    """What `tuneforge train` prints before it loads the model: one paragraph with the estimated peak by component,
+    and a warning line when that peak exceeds the memory available (free GPU memory, or RAM on CPU), else None.
+    Never raises for a model it cannot estimate: training must not fail because planning could not."""
     if cfg.method not in METHODS:
-        return f"memory estimate: not modelled for method {cfg.method} yet"
-    longest = max_tokens_per_example or cfg.data.max_length
-    per_batch = min(cfg.train.batch_size, num_examples) if num_examples else cfg.train.batch_size
-    spec = dataclasses.replace(spec_from_config(cfg), example_lengths=(longest,) * max(1, per_batch),
-                               target_tokens=None)
-    est = estimate_memory(spec)
+        return f"memory estimate: not modelled for method {cfg.method!r} (modelled: {', '.join(METHODS)})", None
+    lengths = micro_batch_of(cfg)
+    try:
+        est = estimate_memory(dataclasses.replace(spec_from_config(cfg), example_lengths=lengths, target_tokens=None))
+    except UserError as exc:
+        return f"memory estimate: unavailable ({exc})", None
     parts = [("weights", est.component("base weights") + est.component("trainable params")
               + est.component("fp32 master copy")),
-             ("gradients", est.component("gradients")), ("optimizer", est.component("optimizer states")),
+             ("gradients", est.component("gradients")),
+             ("optimizer", est.component("optimizer states") + est.component("optimizer step temporaries")),
              ("activations", est.component("activations") + est.component("backward working set")),
-             ("loss", est.component("logits / loss buffers"))]
+             ("loss", est.component("logits / loss buffers")), ("overhead", est.overhead)]
     detail = ", ".join(f"{name} {nbytes / GIB:.2f}" for name, nbytes in parts)
-    available, what = available_memory(spec.device)
+    available, what = available_memory(est.spec.device)
     avail_text = f"; {available / GIB:.1f} GiB {what}" if available is not None else ""
-    lines = [f"memory estimate: peak {est.peak / GIB:.2f} GiB at the {est.peak_phase} ({detail} GiB; "
-             f"{per_batch} x {longest} tokens a micro-batch){avail_text}"]
+    layout = f"{len(lengths)} x {lengths[0]}" if len(set(lengths)) == 1 else f"{sum(lengths)}"
+    text = (f"memory estimate: peak {est.peak / GIB:.2f} GiB at the {est.peak_phase} ({detail} GiB) for "
+            f"{cfg.method} on {est.spec.device}, micro-batches of {layout} tokens (an upper bound: real examples are "
+            f"usually shorter){avail_text}; `tuneforge estimate` gives the full breakdown")
+    warning = None
     if available is not None and est.peak > available:
-        lines.append(f"warning: the estimated peak ({est.peak / GIB:.1f} GiB) exceeds the {available / GIB:.1f} GiB "
-                     f"{what}; {_how_to_fit(cfg)}")
-    return "\n".join(lines)
+        warning = (f"warning: the estimated peak ({est.peak / GIB:.1f} GiB) exceeds the {available / GIB:.1f} GiB "
+                   f"{what}; {_how_to_fit(cfg)}")
+    return text, warning
 
 
 def _how_to_fit(cfg: RunConfig) -> str:
@@ -200,18 +239,9 @@ def _how_to_fit(cfg: RunConfig) -> str:
     if not cfg.train.gradient_checkpointing:
         ideas.append("train.gradient_checkpointing=true")
     if cfg.train.batch_size > 1:
-        ideas.append(f"a smaller train.batch_size with a larger train.grad_accum")
+        ideas.append("a smaller train.batch_size with a larger train.grad_accum")
     if cfg.method == "full":
         ideas.append("method=lora")
-    elif cfg.method == "lora":
+    elif cfg.method in ("lora", "dora"):
         ideas.append("method=qlora")
-    ideas.append("see `tuneforge estimate` for the breakdown")
-    return "try " + ", ".join(ideas)
-
-
-def gib(nbytes: float) -> float:
-    return nbytes / GIB
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf
+    return "try " + ", ".join(ideas) if ideas else "use a smaller model or a machine with more memory"

@@ -10,6 +10,8 @@ Two engines, because how a loop trains changes the answer:
   weights and gradients, an fp32 master copy and fp32 Adam moments: 16 bytes a parameter); LoRA on a bf16 base;
   QLoRA with the non-quantized parameters cast to fp32 (PEFT's `prepare_model_for_kbit_training`); logits for every
   position, upcast to fp32 for the loss; a fused optimizer step without temporaries.
+- `hf-bf16`: `hf` with full fine-tuning in pure bf16 (weights, gradients and both Adam moments in bf16: 8 bytes a
+  parameter), the guide's "Full, 16-bit" row. PEFT methods are counted as under `hf`.
 
 The peak is the larger of two moments: the end of a forward pass (weights, optimizer state, every saved activation,
 the loss buffers and backward's first working set; gradients too when they are accumulated across micro-batches)
@@ -18,6 +20,7 @@ and the optimizer step (weights, gradients, optimizer state, the step's temporar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -26,12 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from tuneforge.errors import UserError
-from tuneforge.plan.activations import ActivationCount, count_saved_activations
+from tuneforge.plan import ENGINES, METHODS, OPTIMIZERS
+from tuneforge.plan.activations import ActivationCount, count_saved_activations, decoder_layers
 from tuneforge.plan.architectures import ParameterCounts, count_parameters, load_architecture, meta_model
 
-METHODS = ("full", "lora", "qlora", "dora")
-ENGINES = ("tuneforge", "hf")
-OPTIMIZERS = ("adamw", "adamw8bit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -128,10 +129,14 @@ def estimate_memory(spec: MemorySpec) -> MemoryEstimate:
     model = meta_model(config, dtype=act_dtype, attn_implementation=_packed_attention(),
                        trust_remote_code=spec.trust_remote_code)
     params = count_parameters(model)  # before adapters wrap the linear layers
-    trained = _with_adapters(model, spec)
-    trainable_tensors = _trainable_sizes(trained)
+    # Tracing a forward pass on meta costs ~0.1 s a layer and PEFT wrapping more: an 80-layer model would take
+    # 15 s. Identical layers save and train identical amounts, so a shallow copy of the model stands in for it.
+    depth = len(decoder_layers(model))
+    probe = _shallow_probe(config, model, depth, act_dtype, spec.trust_remote_code)
+    trained = _with_adapters(probe, spec)
+    trainable_tensors = _scale_to_depth(_trainable_sizes(trained), depth)
     trainable = sum(trainable_tensors)
-    activations = _activations(trained, spec)
+    activations = _activations(trained, spec).scaled_to(depth)
     hidden = _hidden_size(config, model)
     vocab = model.get_output_embeddings().weight.shape[0]
     act_bytes = DTYPE_BYTES[spec.compute_dtype]
@@ -144,7 +149,7 @@ def estimate_memory(spec: MemorySpec) -> MemoryEstimate:
         add("trainable params", 4 * trainable, f"{trainable:,} adapter parameters in fp32")
     if spec.engine == "hf" and not spec.peft:
         add("fp32 master copy", 4 * trainable, "mixed precision keeps fp32 weights for the update")
-    grad_bytes = 2 if (spec.engine == "hf" and not spec.peft) else 4
+    grad_bytes = 2 if (spec.engine != "tuneforge" and not spec.peft) else 4
     add("gradients", grad_bytes * trainable, f"{grad_bytes} bytes per trainable parameter")
     optimizer_bytes, optimizer_note = _optimizer_states(spec, trainable_tensors)
     add("optimizer states", optimizer_bytes, optimizer_note)
@@ -212,15 +217,44 @@ def _with_adapters(model: torch.nn.Module, spec: MemorySpec) -> torch.nn.Module:
     return get_peft_model(model, _peft_config(spec), low_cpu_mem_usage=True)
 
 
-def _trainable_sizes(model: torch.nn.Module) -> list[int]:
-    """numel of every trainable tensor, tied weights once."""
+PROBE_DEPTH = 2  # layer 0 (its input is the embedding output) and one representative of all the others
+
+
+def _shallow_probe(config, model: torch.nn.Module, depth: int, dtype: torch.dtype,
+                   trust_remote_code: bool) -> torch.nn.Module:
+    """`model` with only PROBE_DEPTH decoder layers when all its layers are alike; else `model` itself."""
+    layers = decoder_layers(model)
+    shapes = [tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()) for layer in layers]
+    kinds = getattr(config, "layer_types", None)  # e.g. sliding-window and full attention alternating
+    if depth <= PROBE_DEPTH or len(set(shapes)) > 1 or (kinds and len(set(kinds)) > 1):
+        return model
+    shallow = copy.deepcopy(config)
+    shallow.num_hidden_layers = PROBE_DEPTH  # attribute_map renames it for families that call it n_layer etc.
+    if kinds:
+        shallow.layer_types = list(kinds[:PROBE_DEPTH])
+    probe = meta_model(shallow, dtype=dtype, attn_implementation=_packed_attention(),
+                       trust_remote_code=trust_remote_code)
+    return probe if len(decoder_layers(probe)) == PROBE_DEPTH else model
+
+
+def _trainable_sizes(model: torch.nn.Module) -> list[list[int]]:
+    """numel of every trainable tensor, tied weights once: [outside the decoder layers, layer 0, layer 1, ...]."""
+    layer_of = {id(p): i for i, layer in enumerate(decoder_layers(model)) for p in layer.parameters()}
+    groups: list[list[int]] = [[] for _ in range(1 + len(decoder_layers(model)))]
     seen: set[int] = set()
-    sizes = []
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            sizes.append(p.numel())
-    return sizes
+            groups[1 + layer_of[id(p)] if id(p) in layer_of else 0].append(p.numel())
+    return groups
+
+
+def _scale_to_depth(groups: list[list[int]], depth: int) -> list[int]:
+    """Flat trainable sizes of the full-depth model: the probe's last layer stands for every layer it lacks."""
+    outside, layers = groups[0], groups[1:]
+    if layers:
+        layers = layers + [layers[-1]] * (depth - len(layers))
+    return outside + [n for layer in layers for n in layer]
 
 
 def _activations(model: torch.nn.Module, spec: MemorySpec) -> ActivationCount:
@@ -269,6 +303,8 @@ def _base_weights(spec: MemorySpec, params: ParameterCounts) -> tuple[int, str]:
 
 
 def _optimizer_states(spec: MemorySpec, trainable_tensors: list[int]) -> tuple[int, str]:
+    if spec.optimizer == "adamw" and spec.engine == "hf-bf16" and not spec.peft:
+        return 4 * sum(trainable_tensors), "AdamW: two bf16 moments per parameter (pure bf16)"
     if spec.optimizer == "adamw":
         return 8 * sum(trainable_tensors), "AdamW: two fp32 moments per trainable parameter"
     total = 0
