@@ -73,3 +73,40 @@ def test_generation_mid_training_uses_standard_attention_and_restores_packed(cha
     finally:
         use_standard_attention(chatty_model)
         chatty_model.eval()
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_learning_models_generate_with_their_virtual_tokens_even_mid_training(method, tiny_model, tiny_model_dir,
+                                                                                     tokenizer):
+    """A PEFT prompt/prefix model as the training loop holds it (no inference loader, so PEFT's own `generate`, which
+    drops a prefix): generate_texts still equals greedy decoding by PEFT's forward, which includes the virtual tokens."""
+    from tuneforge.config import load_config
+    from tuneforge.model.methods import apply_method
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", f"method={method}", f"{method}.num_virtual_tokens=4"])
+    model = apply_method(tiny_model, cfg).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # decisive virtual tokens: generating without them could not match
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 2)
+    prompts = ["Repeat the number 3 please.", "Hi"]
+    produced = generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+
+    def greedy_by_forward(prompt: str, base: bool = False) -> str:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        start = ids.shape[1]
+        for _ in range(6):
+            with torch.no_grad():
+                if base:
+                    with model.disable_adapter():
+                        logits = model.get_base_model()(input_ids=ids).logits
+                else:
+                    logits = model(input_ids=ids).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            if ids[0, -1].item() == tokenizer.eos_token_id:
+                break
+        return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
+
+    assert produced == [greedy_by_forward(p) for p in prompts]
+    assert produced != [greedy_by_forward(p, base=True) for p in prompts]  # the virtual tokens changed the answers

@@ -92,3 +92,23 @@ def test_plain_text_files_become_completion_rows(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataError, match="empty.txt: no text"):
         load_text_or_rows(str(tmp_path / "empty.txt"))
+
+
+def test_forgetting_check_compares_base_and_tuned_on_general_text(tiny_model, tiny_model_dir, tokenizer):
+    from tests.conftest import ROOT
+    from tuneforge.eval.forgetting import forgetting_check, general_perplexity
+
+    general = str(ROOT / "tests" / "fixtures" / "eval" / "general.txt")
+    base = general_perplexity(tiny_model, tokenizer, general)
+    assert base.perplexity == pytest.approx(answer_perplexity(tiny_model, tokenizer, load_text_or_rows(general))
+                                            .perplexity)
+    from transformers import LlamaForCausalLM
+
+    tuned = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        tuned.get_output_embeddings().weight.mul_(3)  # sharper, wrong predictions: general text gets less likely
+    scores = forgetting_check((tuned, tokenizer), str(tiny_model_dir), general)  # a loaded pair, and a path
+    assert scores["general_perplexity_base"] == pytest.approx(base.perplexity)
+    assert scores["general_perplexity_tuned"] > scores["general_perplexity_base"]
+    assert scores["general_perplexity_change"] == pytest.approx(
+        scores["general_perplexity_tuned"] / scores["general_perplexity_base"] - 1)
