@@ -19,7 +19,6 @@ A sample that fails, crashes, exhausts a limit or times out counts as a failure;
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -212,8 +211,3 @@ def evaluate_humaneval(model, tokenizer, path: str = BUILTIN, limit: int | None 
     scores["humaneval_problems"] = float(len(problems))
     return scores, records
 
-
-def write_records(path: Path, records: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
