@@ -64,6 +64,9 @@ class MemorySpec:
     optimizer: str = "adamw"
     engine: str = "tuneforge"
     compute_dtype: str = "fp32"  # the dtype activations are held in
+    # dtype of PEFT adapters (and their gradients) and, with QLoRA, of the weights left unquantized: fp32 is what
+    # tuneforge and PEFT's default do; the QLoRA paper's code casts LoRA layers, embeddings and head to bf16.
+    adapter_dtype: str = "fp32"
     double_quant: bool = True
     packing: bool = True
     device: str = "cpu"  # what the overhead line assumes: "cpu" (RSS) or "cuda"
@@ -72,7 +75,8 @@ class MemorySpec:
     def __post_init__(self):
         for key, value, allowed in (("method", self.method, METHODS), ("engine", self.engine, ENGINES),
                                     ("optimizer", self.optimizer, OPTIMIZERS),
-                                    ("compute dtype", self.compute_dtype, tuple(DTYPE_BYTES))):
+                                    ("compute dtype", self.compute_dtype, tuple(DTYPE_BYTES)),
+                                    ("adapter dtype", self.adapter_dtype, tuple(DTYPE_BYTES))):
             if value not in allowed:
                 raise UserError(f"{key}: got {value!r}, allowed: {', '.join(allowed)}")
         if not self.example_lengths or min(self.example_lengths) < 1:
@@ -145,11 +149,12 @@ def estimate_memory(spec: MemorySpec) -> MemoryEstimate:
     add = lambda name, nbytes, note: comps.append(Component(name, int(nbytes), note))  # noqa: E731
     weights, weight_note = _base_weights(spec, params)
     add("base weights", weights, weight_note)
+    adapter_bytes = DTYPE_BYTES[spec.adapter_dtype]
     if spec.peft:
-        add("trainable params", 4 * trainable, f"{trainable:,} adapter parameters in fp32")
+        add("trainable params", adapter_bytes * trainable, f"{trainable:,} adapter parameters in {spec.adapter_dtype}")
     if spec.engine == "hf" and not spec.peft:
         add("fp32 master copy", 4 * trainable, "mixed precision keeps fp32 weights for the update")
-    grad_bytes = 2 if (spec.engine != "tuneforge" and not spec.peft) else 4
+    grad_bytes = adapter_bytes if spec.peft else (2 if spec.engine != "tuneforge" else 4)
     add("gradients", grad_bytes * trainable, f"{grad_bytes} bytes per trainable parameter")
     optimizer_bytes, optimizer_note = _optimizer_states(spec, trainable_tensors)
     add("optimizer states", optimizer_bytes, optimizer_note)
@@ -291,12 +296,12 @@ def _base_weights(spec: MemorySpec, params: ParameterCounts) -> tuple[int, str]:
         packed = sum((n + 1) // 2 for n in params.linear_tensors)
         constants = sum(math.ceil(n / QUANT_BLOCK) * per_block for n in params.linear_tensors)
         constants += len(params.linear_tensors) * (256 * 4 if spec.double_quant else 0)  # 8-bit code tables
-        rest = 4 * params.unquantized
+        rest = DTYPE_BYTES[spec.adapter_dtype] * params.unquantized
         bits = 8 * (packed + constants) / max(1, params.linear)
         dq = "with" if spec.double_quant else "without"
         return int(packed + constants + rest), (
             f"{params.linear:,} linear weights in 4-bit ({bits:.3f} bits each, {dq} double quantization: "
-            f"{_gib(packed + constants)}) + {params.unquantized:,} others in fp32 ({_gib(rest)})")
+            f"{_gib(packed + constants)}) + {params.unquantized:,} others in {spec.adapter_dtype} ({_gib(rest)})")
     if spec.engine == "tuneforge":
         return 4 * params.total, f"{params.total:,} parameters in fp32 (tuneforge holds weights in fp32)"
     return 2 * params.total, f"{params.total:,} parameters in bf16"
