@@ -138,6 +138,14 @@ class TrainSettings:
         0.0, "Stop when the loss stays above this multiple of its running mean (last 50 steps); 0 = off.", min=0
     )
     loss_spike_patience: int = _f(10, "Consecutive spiking steps that stop the run (with loss_spike_factor).", min=1)
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = _f(
+        "auto", "Several processes (torchrun or --nproc): 'ddp' replicates the model, 'fsdp' shards parameters, "
+        "gradients and optimizer state (FSDP2, per decoder layer); 'auto' = ddp under torchrun, none otherwise. "
+        "batch_size and grad_accum are per process: the global batch is batch_size x grad_accum x processes."
+    )
+    distributed_timeout_s: int = _f(
+        1800, "Seconds a process waits for a hung peer before the run fails (a crashed peer fails it at once).", min=1
+    )
 
 
 @dataclass
@@ -362,6 +370,13 @@ def check_method_settings(cfg: RunConfig) -> None:
     if cfg.method == "prefix" and cfg.train.gradient_checkpointing:
         # Recomputing a layer would append its learned key/value prefix to the attention cache a second time.
         raise ConfigError("train.gradient_checkpointing: not supported with method 'prefix'; turn it off")
+    if cfg.train.distributed == "fsdp" and cfg.method == "qlora":
+        # Sharding bitsandbytes' packed 4-bit weights needs their storage dtype to match the compute dtype and is
+        # not supported by bitsandbytes on CPU; DDP replicates the 4-bit base and works.
+        raise ConfigError("train.distributed: 'fsdp' is not supported with method 'qlora'; use ddp (the 4-bit base "
+                          "is small enough to replicate)")
+    if cfg.train.distributed == "fsdp" and cfg.train.compile:
+        raise ConfigError("train.compile: not supported with train.distributed=fsdp yet; turn one of them off")
 
 
 def _check_data_path(key: str, value: str) -> None:

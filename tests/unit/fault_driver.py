@@ -4,6 +4,7 @@ usage: python -m tests.unit.fault_driver MODE N [--config RUN.yaml] [key=value .
   MODE=microbatch  die when the N-th training micro-batch starts (mid-step when grad_accum > 1)
   MODE=write       die at the N-th checkpoint write event; a safetensors file being written is left torn
   MODE=slow        every micro-batch sleeps N ms (to give signal tests a wide window); no kill
+  MODE=fail_rank1  under torchrun: rank 1 raises an error at its N-th micro-batch (a crashed peer)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from tuneforge.cli import quiet_libraries
 from tuneforge.config import load_config
 from tuneforge.errors import UserError
-from tuneforge.train import checkpoint, loop
+from tuneforge.train import checkpoint, forward, loop
 
 
 def die() -> None:
@@ -29,18 +30,20 @@ def main() -> int:
     if overrides[:1] == ["--config"]:
         config_file, overrides = overrides[1], overrides[2:]
     calls = {"n": 0}
-    if mode in ("microbatch", "slow"):
-        original = loop.batch_loss_sum
+    if mode in ("microbatch", "slow", "fail_rank1"):
+        original = forward.batch_loss_sum
 
         def counted(*args, **kwargs):
             calls["n"] += 1
             if mode == "microbatch" and calls["n"] == n:
                 die()
+            if mode == "fail_rank1" and calls["n"] == n and os.environ.get("RANK") == "1":
+                raise RuntimeError("injected failure on rank 1")
             if mode == "slow":
                 time.sleep(n / 1000)
             return original(*args, **kwargs)
 
-        loop.batch_loss_sum = counted
+        forward.batch_loss_sum = counted
     elif mode == "write":
         def hook(name, original, tear=False):
             def wrapped(*args, **kwargs):

@@ -11,6 +11,7 @@ from tuneforge.data.batching import collate
 from tuneforge.data.formats import normalise_row
 from tuneforge.data.tokenize import tokenize_example
 from tuneforge.model.attention import use_packed_attention
+from tuneforge.train.forward import AnswerTokenLossSum
 from tuneforge.train.loop import accumulate_gradients
 
 
@@ -34,7 +35,7 @@ def test_grad_accumulation_invariance(tokenizer, tiny_model, packing):
     def grads(split):
         model.zero_grad()
         batches = [collate(exs[i : i + split], packing, tokenizer.pad_token_id) for i in range(0, len(exs), split)]
-        loss, count = accumulate_gradients(model, batches, "cpu", None)
+        loss = accumulate_gradients(AnswerTokenLossSum(model), batches, "cpu", None)
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     loss_8, g_8 = grads(8)

@@ -22,6 +22,7 @@ from tests.conftest import ROOT, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError, OutputWriteError, TrainingStopped, UserError
 from tuneforge.train import checkpoint as ckpt
+from tuneforge.train import forward
 from tuneforge.train.loop import train
 
 
@@ -172,14 +173,14 @@ def test_second_signal_exits_at_once(tiny_model_dir, data_file, tmp_path):
 def test_nan_step_is_skipped_and_the_run_goes_on(tiny_model_dir, data_file, tmp_path, monkeypatch):
     import tuneforge.train.loop as loop
 
-    original, calls = loop.batch_loss_sum, {"n": 0}
+    original, calls = forward.batch_loss_sum, {"n": 0}
 
     def nan_at_step_4(model, batch):
         calls["n"] += 1
         loss = original(model, batch)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(loop, "batch_loss_sum", nan_at_step_4)
+    monkeypatch.setattr(forward, "batch_loss_sum", nan_at_step_4)
     result = train(load_config(None, overrides(tiny_model_dir, data_file, tmp_path / "r")), show_progress=False)
     assert result.steps == 20
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -190,8 +191,8 @@ def test_nan_step_is_skipped_and_the_run_goes_on(tiny_model_dir, data_file, tmp_
 def test_nan_every_step_stops_and_writes_no_nan_weights(tiny_model_dir, data_file, tmp_path, monkeypatch):
     import tuneforge.train.loop as loop
 
-    original = loop.batch_loss_sum
-    monkeypatch.setattr(loop, "batch_loss_sum", lambda m, b: original(m, b) * float("nan"))
+    original = forward.batch_loss_sum
+    monkeypatch.setattr(forward, "batch_loss_sum", lambda m, b: original(m, b) * float("nan"))
     out = tmp_path / "r"
     with pytest.raises(TrainingStopped, match="6 non-finite steps in a row"):
         train(load_config(None, overrides(tiny_model_dir, data_file, out)), show_progress=False)
@@ -211,13 +212,13 @@ def test_nan_weights_are_never_saved(tiny_model):
 def test_loss_spike_stops_the_run(tiny_model_dir, data_file, tmp_path, monkeypatch):
     import tuneforge.train.loop as loop
 
-    original, calls = loop.batch_loss_sum, {"n": 0}
+    original, calls = forward.batch_loss_sum, {"n": 0}
 
     def spike_after_8(model, batch):
         calls["n"] += 1
         return original(model, batch) * (50.0 if calls["n"] > 8 else 1.0)
 
-    monkeypatch.setattr(loop, "batch_loss_sum", spike_after_8)
+    monkeypatch.setattr(forward, "batch_loss_sum", spike_after_8)
     cfg = load_config(None, overrides(tiny_model_dir, data_file, tmp_path / "r", "train.loss_spike_factor=3",
                                       "train.loss_spike_patience=4"))
     with pytest.raises(TrainingStopped, match="stayed above 3.0x its running mean"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from tuneforge.cli import chat, data, deploy, evaluate, plan, train
@@ -38,8 +39,17 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun worker: report our crash in torchrun's failure summary
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="tuneforge: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # as typed, for commands that relaunch themselves
     quiet_libraries()
     try:
         return args.func(args)

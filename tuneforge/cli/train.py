@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from tuneforge.errors import UserError
 
@@ -22,12 +23,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     # row fails at once. The loop trains on the rows read here.
     validate_for_training(cfg)
     rows = read_raw(cfg.data, cfg.train.seed)
+    if args.nproc:
+        return _launch_torchrun(args.nproc, cfg, args.argv)
     from tuneforge.train.loop import train
 
     result = train(cfg, show_progress=not args.quiet, rows=rows)
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"done: {result.steps} steps, train_loss {result.train_loss:.4f}{val} -> {result.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary for the run, not one per process
+        print(f"done: {result.steps} steps, train_loss {result.train_loss:.4f}{val} -> {result.run_dir}")
     return 0
+
+
+def _launch_torchrun(nproc: int, cfg, raw_argv: list[str]) -> int:
+    """`--nproc N`: this same command under torchrun on one machine (config and data were checked once, above)."""
+    import subprocess
+    import sys
+
+    if cfg.train.distributed == "none":
+        raise UserError(f"--nproc {nproc}: train.distributed is 'none'; use ddp or fsdp (or leave it at auto)")
+    argv, skip_value = [], False
+    for arg in raw_argv:
+        if skip_value or arg.startswith("--nproc="):
+            skip_value = False
+            continue
+        skip_value = arg == "--nproc"
+        if not skip_value:
+            argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tuneforge", *argv]
+    print("tuneforge: launching " + " ".join(command[2:]), file=sys.stderr, flush=True)
+    # torchrun sets OMP_NUM_THREADS=1 per process unless it is set: N processes must not each claim every core.
+    return subprocess.call(command, env=os.environ.copy())
 
 
 def add_parsers(sub) -> None:
@@ -37,4 +63,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (launches torchrun; see train.distributed)")
     p.set_defaults(func=cmd_train)

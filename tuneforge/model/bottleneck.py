@@ -136,10 +136,14 @@ class BottleneckModel(torch.nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("base_model"), name)
 
-    def save_pretrained(self, directory: str | Path, **_ignored) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        **_ignored) -> None:
+        """`state_dict`: this whole module's weights gathered by the caller (its own may be FSDP shards)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        weights = {name: t.detach().contiguous() for name, t in self.adapters.state_dict().items()}
+        own = self.adapters.state_dict() if state_dict is None else {
+            name.removeprefix("adapters."): t for name, t in state_dict.items() if name.startswith("adapters.")}
+        weights = {name: t.detach().contiguous() for name, t in own.items()}
         save_file(weights, directory / WEIGHTS_FILE, metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.bottleneck_config), indent=2) + "\n",
                                              encoding="utf-8")

@@ -99,14 +99,17 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     trainer_state: dict[str, Any],
     config_text: str,
     keep_last: int,
     best_state: dict[str, torch.Tensor] | None = None,
+    rank_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    weights = {name: t.contiguous() for name, t in trainable_state(model).items()}
+    """`weights`: the full trainable weights; `optimizer_state`: torch's `optimizer.state_dict()` format; `rank_rng`:
+    the other ranks' RNG states of a distributed run."""
+    weights = {name: t.contiguous() for name, t in weights.items()}
     assert_finite(weights)
     root = checkpoints_root(run_dir)
     target = root / checkpoint_name(step)
@@ -116,10 +119,10 @@ def save_checkpoint(
         save_file(weights, staging / WEIGHTS_FILE)
         if best_state is not None:
             save_file({n: t.contiguous() for n, t in best_state.items()}, staging / BEST_WEIGHTS_FILE)
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         save_file(opt_tensors, staging / OPTIMIZER_TENSORS_FILE)
         _write_text(staging / OPTIMIZER_META_FILE, json.dumps(opt_meta))
-        save_file(_torch_rng_tensors(), staging / RNG_FILE)
+        save_file({**_torch_rng_tensors(), **(rank_rng or {})}, staging / RNG_FILE)
         (staging / "config.yaml").write_text(config_text, encoding="utf-8")
         state = {**trainer_state, "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
         _write_text(staging / STATE_FILE, json.dumps(state))
@@ -225,14 +228,17 @@ def _remove_dir(path: Path) -> None:
 # Final output: what users load (PEFT adapter or HF model), tokenizer, run metadata.
 
 
-def save_output(model: torch.nn.Module, tokenizer, run_dir: Path, meta: dict) -> None:
-    """Final weights (PEFT adapter or full HF model), tokenizer and run metadata into `run_dir`."""
-    assert_finite(model)
+def save_output(model: torch.nn.Module, tokenizer, run_dir: Path, meta: dict,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Final weights (PEFT adapter or full HF model), tokenizer and run metadata into `run_dir`. `state_dict`: the
+    model's full weights when its own parameters are shards (FSDP), gathered by the caller."""
+    assert_finite(state_dict if state_dict is not None else model)
     run_dir.mkdir(parents=True, exist_ok=True)
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(prefix=".output-", dir=run_dir))
-        model.save_pretrained(staging)  # PEFT writes adapter_*; transformers writes model.safetensors + config
+        # PEFT writes adapter_*; transformers writes model.safetensors + config.
+        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
         _write_text(staging / RUN_META_FILE, json.dumps(meta, indent=2) + "\n")
         _fsync_tree(staging)

@@ -23,3 +23,15 @@ def batch_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, predict_at)
     return answer_token_loss_sum(hidden, lm.get_output_embeddings().weight, batch.targets)
+
+
+class AnswerTokenLossSum(torch.nn.Module):
+    """`batch_loss_sum` as a module's forward. DDP and FSDP act when a wrapped module's forward runs (gradient
+    reduction bookkeeping, all-gathering sharded weights), and our forward is this loss, not the model's logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return batch_loss_sum(self.model, batch)

@@ -7,6 +7,9 @@ micro-batches: every micro-batch's summed loss is divided by the step's total ta
 A run can be killed at any instant and continued with `--resume` as if nothing happened: a checkpoint holds the
 trainable weights, optimizer state, step and data position, best-so-far bookkeeping and every RNG state, and the
 data order of an epoch is a pure function of (seed, epoch).
+
+Under torchrun the same loop runs in every process (train/distributed.py): each rank takes its share of every global
+step's micro-batches, and only rank 0 writes metrics, checkpoints and the output.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from tuneforge.model.attention import use_packed_attention, use_standard_attenti
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
 from tuneforge.train import checkpoint as ckpt
-from tuneforge.train.forward import batch_loss_sum, causal_lm_of
+from tuneforge.train import distributed
+from tuneforge.train.forward import AnswerTokenLossSum, causal_lm_of
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
 from tuneforge.train.signals import StopRequests
 from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses, truncate_metrics
@@ -63,6 +67,7 @@ class TrainerState:
     bad_steps: int = 0  # consecutive non-finite steps
     spike_steps: int = 0  # consecutive spiking steps
     recent_losses: list[float] = field(default_factory=list)
+    world_size: int = 1  # processes that trained it: a step's data depends on it
 
 
 @dataclass
@@ -83,19 +88,30 @@ def train(cfg: RunConfig, show_progress: bool = True,
     validate_for_training(cfg)
     # Data first: a broken row fails in seconds, before the model is loaded.
     train_rows, val_rows = rows if rows is not None else read_raw(cfg.data, cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    world = distributed.start(cfg.train.distributed, cfg.train.distributed_timeout_s, device)
+    try:
+        return _train(cfg, show_progress and world.is_main, train_rows, val_rows, device, world)
+    finally:
+        distributed.stop(world)
+
+
+def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_rows: list[Example], device: str,
+           world: distributed.World) -> TrainResult:
     run_dir = Path(cfg.output_dir)
     resume_from = _find_resume_point(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
-    ckpt.remove_partial_checkpoints(run_dir)
-    seed_everything(cfg.train.seed)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
+        ckpt.remove_partial_checkpoints(run_dir)
+    seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights everywhere
 
-    device = pick_device(cfg.train.device)
     autocast_dtype = torch.bfloat16 if _use_bf16(cfg.train.dtype, device) else None
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     data = tokenize_data(cfg.data, tokenizer, train_rows, val_rows)
-    log.info("data: %s", data.summary())
+    if world.is_main:
+        log.info("data: %s", data.summary())
 
     model = load_base_model(cfg, device)  # 4-bit for qlora, float32 otherwise
     model = apply_method(model, cfg)
@@ -109,36 +125,53 @@ def train(cfg: RunConfig, show_progress: bool = True,
         # every layer. dynamic=True because packed rows change length every step.
         for layer in causal_lm_of(model).get_decoder().layers:
             layer.compile(dynamic=True)
-    log.info("%s", parameter_report(model))
-    optimizer = build_optimizer(model, cfg.train)
+    if world.is_main:
+        log.info("%s", parameter_report(model))
+    state, best_state, loaded = TrainerState(), None, None
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from)
+        # Into the whole model, before FSDP shards it: every rank reads the same checkpoint.
+        ckpt.load_trainable_state(model, loaded["weights"])
+    loss_module = distributed.wrap(world, AnswerTokenLossSum(model), device)
+    optimizer = build_optimizer(model, cfg.train)  # after wrapping: under FSDP it holds the shards
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     t = cfg.train
     lengths = [len(ex.input_ids) for ex in data.train]
-    step_plan = StepPlan(t.batch_size, t.grad_accum, t.tokens_per_batch, cfg.data.packing, cfg.data.group_by_length,
-                         t.seed)
+    # One plan for the whole world: a global step is grad_accum micro-batches per rank.
+    step_plan = StepPlan(t.batch_size, t.grad_accum * world.size, t.tokens_per_batch, cfg.data.packing,
+                         cfg.data.group_by_length, t.seed)
     total_steps = t.max_steps or steps_in_epochs(lengths, step_plan, t.epochs)
     pad_id = tokenizer.pad_token_id
-    state, best_state = TrainerState(), None
-    if resume_from is not None:
-        state, best_state = _restore(resume_from, model, optimizer)
-        truncate_metrics(run_dir, state.step)
-        log.info("resuming from %s (step %d of %d)", resume_from, state.step, total_steps)
-    else:
+    if loaded is not None:
+        state, best_state = _restore(loaded, resume_from, world, loss_module, optimizer)
+        if world.is_main:
+            truncate_metrics(run_dir, state.step)
+            log.info("resuming from %s (step %d of %d)", resume_from, state.step, total_steps)
+    elif world.is_main:
         (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh metrics file
-    tracker = Tracker(run_dir, total_steps, start_step=state.step, show_progress=show_progress)
+    state.world_size = world.size
+    tracker = Tracker(run_dir, total_steps, start_step=state.step, show_progress=show_progress,
+                      write=world.is_main)
     tracker.log({"event": "resume" if resume_from else "start", "step": state.step, "total_steps": total_steps,
                  "train_examples": len(data.train), "val_examples": len(data.val), "device": device,
-                 "method": cfg.method})
+                 "method": cfg.method, "processes": world.size, "distributed": world.mode})
 
     def checkpoint() -> Path:
-        saved = ckpt.save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), config_text, t.keep_last,
-                                     best_state)
-        tracker.log({"step": state.step, "checkpoint": saved.name})
+        # Every rank takes part in gathering (FSDP shards, RNG states); rank 0 writes; the others wait for it.
+        weights = distributed.gather_trainable(world, model, loss_module)
+        optimizer_state = distributed.gather_optimizer(world, loss_module, optimizer)
+        rank_rng = distributed.gather_rng(world)
+        saved = ckpt.checkpoints_root(run_dir) / ckpt.checkpoint_name(state.step)
+        if world.is_main:
+            saved = ckpt.save_checkpoint(run_dir, state.step, weights, optimizer_state, asdict(state), config_text,
+                                         t.keep_last, best_state, rank_rng)
+            tracker.log({"step": state.step, "checkpoint": saved.name})
+        distributed.barrier(world)
         return saved
 
-    stopped_early = False
-    model.train()
+    stopped_early, first_step = False, state.step
+    loss_module.train()
     with StopRequests() as stop:
         while state.step < total_steps and not stopped_early:
             plan = epoch_steps(lengths, step_plan, state.epoch)
@@ -149,17 +182,31 @@ def train(cfg: RunConfig, show_progress: bool = True,
                 started = time.perf_counter()
                 lr = lr_at(state.step, total_steps, t)
                 set_lr(optimizer, lr)
-                batches = [collate([data.train[i] for i in mb], cfg.data.packing, pad_id) for mb in micro_batches]
-                step_loss, step_targets = accumulate_gradients(model, batches, device, autocast_dtype)
+                batches = [collate([data.train[i] for i in mb], cfg.data.packing, pad_id)
+                           for mb in distributed.my_share(world, micro_batches)]
+                # The loss divisor: answer tokens of the whole global step, summed over ranks before any backward.
+                step_targets = int(distributed.all_reduce_sum(world, [sum(b.num_targets for b in batches)])[0])
+                passes = distributed.share_count(world, len(micro_batches))
+                # A rank left without micro-batches in a short last step still runs a pass (weighted 0).
+                filler = batches[0] if batches else collate([data.train[i] for i in micro_batches[0]],
+                                                            cfg.data.packing, pad_id)
+                step_loss = accumulate_gradients(loss_module, batches, device, autocast_dtype, step_targets, passes,
+                                                 world, filler)
                 max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                grad_norm = distributed.total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                # One all-reduce per step: the step's loss over all ranks, and whether any rank got a stop signal.
+                step_loss, stop_votes = distributed.all_reduce_sum(world, [step_loss, float(stop.requested)])
+                stop_requested = stop_votes > 0
                 finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if state.step == first_step:  # optimizer state exists from the first update on
+                    tracker.log({"step": state.step + 1,
+                                 "memory_per_process": distributed.memory_per_rank(world, model, optimizer)})
                 state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
                 elapsed = time.perf_counter() - started
-                tokens = sum(b.num_tokens for b in batches)
+                tokens = sum(b.num_tokens for b in batches) * world.size  # this rank's tokens, scaled to the world
                 tracker.step(step_loss, lr, tokens / elapsed)
                 if finite:
                     state.bad_steps, state.last_loss = 0, step_loss
@@ -183,13 +230,13 @@ def train(cfg: RunConfig, show_progress: bool = True,
 
                 if data.val and (state.step == total_steps or (t.eval_every and state.step % t.eval_every == 0)):
                     state.val_loss = validation_loss(model, data.val, t.batch_size, cfg.data.packing, pad_id, device,
-                                                     autocast_dtype)
+                                                     autocast_dtype, world, loss_module)
                     tracker.log({"step": state.step, "val_loss": state.val_loss})
                     tracker.message(f"step {state.step}: val_loss {state.val_loss:.4f}")
                     if state.best_val is None or state.val_loss < state.best_val:
                         state.best_val, state.evals_without_gain = state.val_loss, 0
                         if t.early_stopping_patience:
-                            best_state = ckpt.trainable_state(model)
+                            best_state = distributed.gather_trainable(world, model, loss_module)
                     else:
                         state.evals_without_gain += 1
                         if t.early_stopping_patience and state.evals_without_gain >= t.early_stopping_patience:
@@ -197,12 +244,12 @@ def train(cfg: RunConfig, show_progress: bool = True,
                                             f"{state.evals_without_gain} evaluations; keeping the best weights")
                             stopped_early = True
                 save_due = state.step == total_steps or (t.save_every and state.step % t.save_every == 0)
-                if save_due or stopped_early or stop.requested:
+                if save_due or stopped_early or stop_requested:
                     saved = checkpoint()
-                if stop.requested:
+                if stop_requested:
                     tracker.close()
                     raise Preempted(f"stopped by signal at step {state.step}; checkpoint {saved}; "
-                                    f"continue with: tuneforge train <run.yaml> --resume")
+                                    f"continue with: tuneforge train {run_dir / 'config.yaml'} --resume")
                 if stopped_early:
                     break
             else:
@@ -210,35 +257,54 @@ def train(cfg: RunConfig, show_progress: bool = True,
     tracker.close()
 
     if stopped_early and best_state is not None:
-        ckpt.load_trainable_state(model, best_state)
+        # Under FSDP only rank 0 gathered the best weights: it spreads them to the others' shards.
+        distributed.load_trainable(world, model, loss_module, best_state)
         state.val_loss = state.best_val
     if cfg.data.packing:
         use_standard_attention(model)  # what is saved must generate with ordinary attention
     meta = {"base_model": cfg.model, "method": cfg.method, "tuneforge_version": __version__, "steps": state.step,
             "val_loss": state.val_loss, "train_loss": _json_float(state.last_loss)}
-    ckpt.save_output(model, tokenizer, run_dir, meta)
-    tracker.log({"event": "end", "step": state.step, "final_val_loss": state.val_loss, "stopped_early": stopped_early})
-    try:
-        plot_losses(run_dir)
-    except OSError as exc:  # the curve is a convenience; the weights are already safe on disk
-        log.warning("could not write the loss plot: %s", exc)
-    log.info("saved %s output to %s", cfg.method, run_dir)
+    full_state = distributed.gather_full_model(world, loss_module)  # FSDP: the shards, gathered on rank 0
+    memory = distributed.memory_per_rank(world, model, optimizer)
+    if world.is_main:
+        ckpt.save_output(model, tokenizer, run_dir, meta, full_state)
+        tracker.log({"event": "end", "step": state.step, "final_val_loss": state.val_loss,
+                     "stopped_early": stopped_early, "memory_per_process": memory})
+        try:
+            plot_losses(run_dir)
+        except OSError as exc:  # the curve is a convenience; the weights are already safe on disk
+            log.warning("could not write the loss plot: %s", exc)
+        log.info("saved %s output to %s", cfg.method, run_dir)
+    distributed.barrier(world)
     return TrainResult(run_dir, state.step, state.last_loss, state.val_loss, state.best_val, stopped_early,
                        model.eval())
 
 
-def accumulate_gradients(model, batches, device: str, autocast_dtype) -> tuple[float, int]:
-    """Backward over a step's micro-batches; returns (the step's answer-token mean loss, its target count)."""
-    step_targets = sum(b.num_targets for b in batches)
+def accumulate_gradients(loss_module, batches, device: str, autocast_dtype, step_targets: int | None = None,
+                         passes: int | None = None, world: distributed.World | None = None,
+                         filler=None) -> float:
+    """Backward over this rank's micro-batches of a step; returns its part of the step's answer-token mean loss.
+
+    `step_targets`: answer tokens in the whole (global) step; `passes`: forward/backward passes every rank makes
+    (ranks with fewer micro-batches run `filler` with weight 0, so that DDP's and FSDP's collectives line up)."""
+    world = world or distributed.World("none")
+    step_targets = step_targets if step_targets is not None else sum(b.num_targets for b in batches)
+    passes = passes if passes is not None else len(batches)
+    # DDP and FSDP average gradients over ranks; the world-size factor turns that average back into the sum.
+    scale = world.size / step_targets
     step_loss = 0.0
-    for batch in batches:
-        with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    for i in range(passes):
+        real = i < len(batches)
+        batch = batches[i] if real else filler
+        with distributed.gradient_sync(world, loss_module, last_micro_batch=i == passes - 1), torch.autocast(
+                device_type=device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             # Divide by the whole step's target count, not the micro-batch's: the step's loss is a mean over all its
-            # answer tokens, so splitting a step into more micro-batches cannot change the gradient.
-            loss = batch_loss_sum(model, batch.to(device)) / step_targets
-        loss.backward()
-        step_loss += loss.item()
-    return step_loss, step_targets
+            # answer tokens, so splitting a step into more micro-batches (or ranks) cannot change the gradient.
+            loss = loss_module(batch.to(device)) * (scale if real else 0.0)
+            loss.backward()
+        if real:
+            step_loss += loss.item() / world.size
+    return step_loss
 
 
 def _find_resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
@@ -262,12 +328,17 @@ def _find_resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
     return latest
 
 
-def _restore(path: Path, model, optimizer) -> tuple[TrainerState, dict | None]:
-    loaded = ckpt.load_checkpoint(path)
-    ckpt.load_trainable_state(model, loaded["weights"])
-    optimizer.load_state_dict(loaded["optimizer"])
+def _restore(loaded: dict, path: Path, world: distributed.World, loss_module,
+             optimizer) -> tuple[TrainerState, dict | None]:
+    """The optimizer, schedule and data position, RNG and best-so-far of a checkpoint (weights are already in)."""
+    saved_world = loaded["state"].get("world_size", 1)
+    if saved_world != world.size:
+        raise ConfigError(f"resume: checkpoint {path.name} was trained by {saved_world} process(es), this run has "
+                          f"{world.size}; a step's data depends on it, so resume with {saved_world}")
+    distributed.load_optimizer(world, loss_module, optimizer, loaded["optimizer"])
     fields = {k: v for k, v in loaded["state"].items() if k in TrainerState.__dataclass_fields__}
     ckpt.restore_rng(loaded["rng"], loaded["state"])
+    distributed.restore_rng(world, loaded["rng"])
     return TrainerState(**fields), loaded["best_weights"]
 
 

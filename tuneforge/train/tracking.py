@@ -16,21 +16,27 @@ PLOT_FILE = "loss.png"
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, show_progress: bool = True):
+    """`write=False` (ranks other than 0 of a distributed run): shows and writes nothing."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, show_progress: bool = True,
+                 write: bool = True):
         self.path = run_dir / METRICS_FILE
         self.run_dir = run_dir
+        self.write = write
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
             desc="train",
             unit="step",
             file=sys.stderr,
-            disable=not show_progress,
+            disable=not (show_progress and write),
             dynamic_ncols=True,
         )
         self.started = time.perf_counter()
 
     def log(self, record: dict) -> None:
+        if not self.write:
+            return
         record = {"time": round(time.time(), 3), **record}
         try:
             with self.path.open("a", encoding="utf-8") as fh:
@@ -43,7 +49,8 @@ class Tracker:
         self.bar.update(1)
 
     def message(self, text: str) -> None:
-        self.bar.write(text, file=sys.stderr)
+        if self.write:
+            self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
