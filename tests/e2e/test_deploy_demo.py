@@ -57,13 +57,6 @@ def questions() -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from tuneforge.model.load import load_tokenizer
-
-    return load_tokenizer(EMBEDDED)
-
-
-@pytest.fixture(scope="module")
 def prompts(questions, tokenizer) -> list[tuple[str, list[int]]]:
     """(chat-rendered text, its token ids) for each held-out question."""
     from tuneforge.data.tokenize import render_prompt

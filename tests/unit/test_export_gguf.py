@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -85,15 +86,12 @@ def llama_cpp_greedy(gguf_file: Path, prompts: list[tuple[str, list[int]]], max_
                "prompts": [{"text": text, "ids": ids} for text, ids in prompts]}
     # A script file, not `node -e`: node-llama-cpp tests its binary in a child process started with node's own
     # arguments, which would run an -e script again.
-    script, request_file = gguf_file.with_name("llama_cpp_greedy.mjs"), gguf_file.with_name("llama_cpp_request.json")
-    script.write_text(NODE_GREEDY)
-    request_file.write_text(json.dumps(request))
-    try:
+    with tempfile.TemporaryDirectory() as folder:
+        script, request_file = Path(folder) / "llama_cpp_greedy.mjs", Path(folder) / "request.json"
+        script.write_text(NODE_GREEDY)
+        request_file.write_text(json.dumps(request))
         result = subprocess.run(["node", str(script), str(request_file)], capture_output=True, text=True,
                                 timeout=300, env={**os.environ, "NODE_NO_WARNINGS": "1"})
-    finally:
-        script.unlink()
-        request_file.unlink()
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
