@@ -193,3 +193,24 @@ def test_resume_with_another_process_count_is_refused(tmp_path, tiny_model_dir, 
     done = cli("train", str(cfg_file), "train.distributed=none", "--resume", "--quiet")
     assert done.returncode == 2
     assert "trained by 2 process(es), this run has 1" in done.stderr
+
+
+OTHER_METHODS = ["dora:fsdp", "adapter:fsdp", "prefix:fsdp", "prompt:fsdp", "qlora:ddp", "full:ddp"]
+
+
+def test_other_methods_under_ddp_and_fsdp_equal_one_process(tmp_path, tiny_model_dir, data_file):
+    cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, tmp_path / "unused", "lora",
+                            max_steps=3, lr=1e-3)
+    done = torchrun("-m", "tests.unit.dist_methods_driver", str(cfg_file), str(tmp_path / "two"), *OTHER_METHODS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for run in OTHER_METHODS:
+        method, mode = run.split(":")
+        one = tmp_path / "one" / method
+        train(load_config(cfg_file, [f"method={method}", "train.grad_accum=4", f"output_dir={one}"]),
+              show_progress=False)
+        two = tmp_path / "two" / f"{method}-{mode}"
+        ref, other = step_losses(one), step_losses(two)
+        assert len(ref) == len(other) == 3 and max(abs(a - b) for a, b in zip(ref, other)) < TOLERANCE, (run, ref, other)
+        ref_w, w = weights(one), weights(two)
+        assert ref_w.keys() == w.keys(), run
+        assert max((ref_w[k] - w[k]).abs().max().item() for k in ref_w) < TOLERANCE, run

@@ -33,6 +33,7 @@ class World:
     mode: str  # "none" | "ddp" | "fsdp"
     rank: int = 0
     size: int = 1
+    owns_group: bool = False  # we created the process group (so we destroy it), not a caller that trains many runs
 
     @property
     def is_main(self) -> bool:
@@ -56,16 +57,17 @@ def start(requested: str, timeout_s: int, device: str) -> World:
                           f"--nproc N` or `torchrun --nproc_per_node N -m tuneforge train RUN.yaml`")
     if mode == "none":
         return World("none")
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # The timeout bounds how long a rank waits for a peer that hangs (a dead peer fails the collective at once).
         dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-    return World(mode, dist.get_rank(), dist.get_world_size())
+    return World(mode, dist.get_rank(), dist.get_world_size(), owns_group)
 
 
 def stop(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -157,6 +159,20 @@ def gather_full_model(world: World, wrapped: torch.nn.Module) -> dict[str, torch
     unique = {name for name, _ in wrapped.named_parameters()}
     aliases = {name for name, _ in wrapped.named_parameters(remove_duplicate=False)} - unique
     return {fqn.removeprefix(WRAPPED_PREFIX): t for fqn, t in full.items() if fqn not in aliases}
+
+
+@contextlib.contextmanager
+def root_unsharded(world: World, wrapped: torch.nn.Module):
+    """Under FSDP: the root unit's weights whole on every rank for a while (collective on entry and exit). PEFT saves
+    prompt and prefix tuning by running the prompt encoder, which lives in the root unit."""
+    if world.mode != "fsdp":
+        yield
+        return
+    wrapped.unshard()
+    try:
+        yield
+    finally:
+        wrapped.reshard()
 
 
 def load_trainable(world: World, model: torch.nn.Module, wrapped: torch.nn.Module,

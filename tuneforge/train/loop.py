@@ -266,8 +266,11 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
             "val_loss": state.val_loss, "train_loss": _json_float(state.last_loss)}
     full_state = distributed.gather_full_model(world, loss_module)  # FSDP: the shards, gathered on rank 0
     memory = distributed.memory_per_rank(world, model, optimizer)
+    with distributed.root_unsharded(world, loss_module):
+        if world.is_main:
+            ckpt.save_output(model, tokenizer, run_dir, meta, full_state)
+        distributed.barrier(world)
     if world.is_main:
-        ckpt.save_output(model, tokenizer, run_dir, meta, full_state)
         tracker.log({"event": "end", "step": state.step, "final_val_loss": state.val_loss,
                      "stopped_early": stopped_early, "memory_per_process": memory})
         try:
