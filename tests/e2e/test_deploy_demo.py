@@ -161,20 +161,21 @@ def test_llama_cpp_answers_as_the_merged_model(gguf_f32, merged, greedy, prompts
 
 
 @pytest.fixture(scope="module")
-def served(demo_run):
+def served(demo_run, tmp_path_factory):
     """`tuneforge serve` in its own process: the embedded base with the run as adapter "demo"."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge", "serve", "--model", EMBEDDED, "--adapter", f"demo={demo_run}",
-         "--port", str(port), "--api-key", KEY, "--max-tokens-limit", "32"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with log.open("w") as out:  # a file, not a pipe: a pipe nobody reads would block the server once full
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tuneforge", "serve", "--model", EMBEDDED, "--adapter", f"demo={demo_run}",
+             "--port", str(port), "--api-key", KEY, "--max-tokens-limit", "32"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert process.poll() is None, process.stdout.read()
+            assert process.poll() is None, log.read_text()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as health:
                     if health.status == 200:
