@@ -32,6 +32,8 @@ def status(field):
     text = open("/proc/self/status").read()
     return int(re.search(field + r":\s+(\d+) kB", text).group(1)) * 1024
 
+from tuneforge.plan.allocator import steady_malloc
+steady_malloc()  # as `tuneforge train` does: RSS then follows the live tensors the estimate counts
 cfg = load_config(sys.argv[1])
 cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
 if cuda:

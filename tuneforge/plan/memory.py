@@ -130,6 +130,7 @@ class MemoryEstimate:
 def estimate_memory(spec: MemorySpec) -> MemoryEstimate:
     config = load_architecture(spec.model, spec.trust_remote_code)
     act_dtype = TORCH_DTYPES[spec.compute_dtype]
+    stored_bytes = _stored_bytes(config)  # read before building: from_config overwrites config.dtype
     model = meta_model(config, dtype=act_dtype, attn_implementation=_packed_attention(),
                        trust_remote_code=spec.trust_remote_code)
     params = count_parameters(model)  # before adapters wrap the linear layers
@@ -170,8 +171,13 @@ def estimate_memory(spec: MemorySpec) -> MemoryEstimate:
     # Backward's first steps hold the gradients of one layer's activations beside everything still saved.
     add("backward working set", activations.largest_layer, "about one decoder layer's activations")
 
+    mapped, mapped_note = _mapped_checkpoint(spec, stored_bytes, params)
+    if mapped:
+        add("mapped checkpoint", mapped, mapped_note)
+
     get = lambda name: sum(c.bytes for c in comps if c.name == name)  # noqa: E731
-    resident = get("base weights") + get("trainable params") + get("fp32 master copy") + get("optimizer states")
+    resident = (get("base weights") + get("trainable params") + get("fp32 master copy") + get("optimizer states")
+                + get("mapped checkpoint"))
     forward_peak = resident + get("activations") + get("logits / loss buffers") + get("backward working set")
     if spec.grad_accum > 1:  # gradients of earlier micro-batches are alive during the next forward
         forward_peak += get("gradients")
@@ -338,6 +344,29 @@ def _loss_buffers(spec: MemorySpec, hidden: int, vocab: int, act_bytes: int) -> 
     per = act_bytes + 4 + 4 if act_bytes < 4 else 4 + 4
     return positions * vocab * per, (f"[{positions:,} x {vocab:,}] logits for every position: {per} bytes each "
                                      "(the logits, their fp32 upcast when 16-bit, the log-softmax kept for backward)")
+
+
+def _stored_bytes(config) -> int:
+    """Bytes a parameter in the model's checkpoint files, from its config (2 when it does not say)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(dtype).replace("torch.", ""), 2)
+
+
+def _mapped_checkpoint(spec: MemorySpec, stored_bytes: int, params: ParameterCounts) -> tuple[int, str]:
+    """QLoRA on CPU: transformers quantizes while reading a memory-mapped safetensors file and keeps the file mapped
+    as long as the model lives, so the pages it read stay in the process's RSS (measured: 416 of the embedded model's
+    513 MiB after loading, bench/estimate_accuracy.py). Unquantized models use the file's pages as their weights,
+    counted once as base weights; on CUDA the mapping is host memory, not GPU memory."""
+    if spec.method != "qlora" or spec.device != "cpu":
+        return 0, ""
+    from tuneforge.config import EMBEDDED_MODEL
+    from tuneforge.plan.architectures import bundled_name
+
+    if bundled_name(spec.model) == bundled_name(EMBEDDED_MODEL):
+        stored_bytes = 4  # the embedded GGUF is cached dequantized to fp32 (tuneforge/model/load.py)
+    return stored_bytes * params.total, (f"the checkpoint file ({stored_bytes} bytes a parameter) stays "
+                                         "memory-mapped while the 4-bit model lives; the pages read to quantize it "
+                                         "count in RSS")
 
 
 # Measured on a 2-core CPU (bench/estimate_accuracy.py): a tuneforge run's RSS also holds the tokenizer, the

@@ -86,7 +86,7 @@ def recommend(model: str, num_examples: int, gpu_mem_gib: float, domain_shift: s
     if gpu_mem_gib <= 0:
         raise UserError(f"--gpu-mem: got {gpu_mem_gib}, must be > 0 (GiB)")
     budget = int(gpu_mem_gib * GIB)
-    choices: list[Choice] = [Choice("model", model, "the model you asked for")]
+    choices: list[Choice] = [Choice("model", model, "the base model to fine-tune")]
     max_length, length_why = _max_length(shape, seq_len)
 
     wants_full = num_examples >= FULL_MIN_EXAMPLES or (
