@@ -214,3 +214,22 @@ def test_other_methods_under_ddp_and_fsdp_equal_one_process(tmp_path, tiny_model
         ref_w, w = weights(one), weights(two)
         assert ref_w.keys() == w.keys(), run
         assert max((ref_w[k] - w[k]).abs().max().item() for k in ref_w) < TOLERANCE, run
+
+
+def test_fsdp_early_stopping_keeps_the_same_best_weights(tmp_path, tiny_model_dir, data_file):
+    # A learning rate high enough to overshoot: validation stops improving and the best weights (gathered on rank 0,
+    # spread back to the shards) are what is saved.
+    cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, tmp_path / "unused", "lora",
+                            epochs=4, grad_accum=1, lr=8e-2, eval_every=1, early_stopping_patience=2)
+    config = yaml.safe_load(cfg_file.read_text())
+    config["data"]["val_split"] = 0.25
+    cfg_file.write_text(yaml.safe_dump(config))
+    done = torchrun("-m", "tests.unit.dist_methods_driver", str(cfg_file), str(tmp_path / "two"), "lora:fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train(load_config(cfg_file, ["train.grad_accum=2", f"output_dir={tmp_path / 'one'}"]), show_progress=False)
+    assert one.stopped_early
+    two_end = [json.loads(line) for line in (tmp_path / "two" / "lora-fsdp" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert two_end["stopped_early"] and two_end["step"] == one.steps
+    assert abs(two_end["final_val_loss"] - one.val_loss) < TOLERANCE
+    ref_w, w = weights(tmp_path / "one"), weights(tmp_path / "two" / "lora-fsdp")
+    assert max((ref_w[k] - w[k]).abs().max().item() for k in ref_w) < TOLERANCE

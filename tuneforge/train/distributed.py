@@ -177,7 +177,8 @@ def root_unsharded(world: World, wrapped: torch.nn.Module):
 
 def load_trainable(world: World, model: torch.nn.Module, wrapped: torch.nn.Module,
                    weights: dict[str, torch.Tensor]) -> None:
-    """Put full trainable weights back (every rank passes the same full tensors)."""
+    """Put full trainable weights back. Under FSDP rank 0's full tensors are spread to every rank's shards (other ranks
+    may pass {}, as `gather_trainable` gives them)."""
     if world.mode != "fsdp":
         from tuneforge.train.checkpoint import load_trainable_state
 
@@ -186,7 +187,7 @@ def load_trainable(world: World, model: torch.nn.Module, wrapped: torch.nn.Modul
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(wrapped, {WRAPPED_PREFIX + n: t for n, t in weights.items()},
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
 
 
 def gather_optimizer(world: World, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
