@@ -120,8 +120,9 @@ def recommend(model: str, num_examples: int, gpu_mem_gib: float, domain_shift: s
                                   f"{num_examples:,} examples is too few for full fine-tuning to beat LoRA")
                       + f"; LoRA on the unquantized base fits")
     else:
-        method_why = (f"LoRA on the unquantized base does not fit in {gpu_mem_gib:g} GiB; a 4-bit base "
-                      "(NF4, double quantization) does")
+        method_why = (f"{'full fine-tuning and ' if wants_full else ''}LoRA on the unquantized base do"
+                      f"{'' if wants_full else 'es'} not fit in {gpu_mem_gib:g} GiB; a 4-bit base (NF4, double "
+                      "quantization) does")
     choices.append(Choice("method", method, method_why))
     if method != "full":
         choices.append(Choice("lora.r", r, rank_why))
