@@ -77,9 +77,30 @@ class PromptSettings:
 
 
 @dataclass
+class DataSource:
+    """One of several training (or validation) sources: `data.train: [{path: a.jsonl, weight: 0.8}, ...]`."""
+
+    path: Union[str, None] = _f(None, "The source's file (JSONL/JSON/CSV/Parquet or a saved `datasets` directory).")
+    name: Union[str, None] = _f(None, "Name in logs, per-source losses and train.guard (default: the file's stem).")
+    weight: Union[float, None] = _f(
+        None, "Share of each epoch's examples drawn from this source (weights are normalised; an epoch has as many "
+        "examples as all sources together). Give every source a weight, or none.", min=0, min_exclusive=True)
+    epochs: Union[float, None] = _f(
+        None, "Passes over this source per training epoch (e.g. 0.5: a fresh half each epoch, 2: twice); default 1.",
+        min=0, min_exclusive=True)
+    max_rows: Union[int, None] = _f(None, "Use at most this many rows of the source (a seeded sample).", min=1)
+    format: Literal["auto", "instruction", "chat", "sharegpt", "completion", "default"] = _f(
+        "default", "Row format of this source; 'default' = data.format.")
+
+
+@dataclass
 class DataSettings:
-    train: Union[str, None] = _f(None, "Training data: a JSONL/JSON/CSV/Parquet file or a saved `datasets` directory.")
-    val: Union[str, None] = _f(None, "Validation data (same formats). When absent, `val_split` carves it from train.")
+    train: Union[str, list[DataSource], None] = _f(
+        None, "Training data: a JSONL/JSON/CSV/Parquet file or a saved `datasets` directory, or a list of sources "
+        "{path, name, weight | epochs, max_rows, format} mixed by weight (see the README's 'Data mixing').")
+    val: Union[str, list[DataSource], None] = _f(
+        None, "Validation data (same forms; one loss per source is logged). When absent, `val_split` carves it from "
+        "each training source.")
     val_split: float = _f(0.0, "Fraction of train held out for validation when `val` is not given.", min=0, max=0.5)
     format: Literal["auto", "instruction", "chat", "sharegpt", "completion"] = _f(
         "auto", "Row format; 'auto' detects it per file."
@@ -95,6 +116,16 @@ class DataSettings:
     on_error: Literal["fail", "skip"] = _f(
         "fail", "Bad rows (file:line: reason): 'fail' stops before the model loads; 'skip' trains without them."
     )
+
+
+@dataclass
+class GuardSettings:
+    source: Union[str, None] = _f(
+        None, "Validation source to watch (a name of data.val's sources, or of data.train's with val_split); "
+        "null = off.")
+    max_increase: float = _f(
+        0.05, "Stop when that source's validation loss exceeds its step-0 value by more than this fraction, keeping "
+        "the best weights that stayed within it.", min=0, min_exclusive=True)
 
 
 @dataclass
@@ -143,6 +174,8 @@ class TrainSettings:
         "gradients and optimizer state (FSDP2, per decoder layer); 'auto' = ddp under torchrun, none otherwise. "
         "batch_size and grad_accum are per process: the global batch is batch_size x grad_accum x processes."
     )
+    guard: GuardSettings = field(default_factory=lambda: GuardSettings(), metadata={
+        "help": "Forgetting guard: stop when one validation source's loss rises too far above its step-0 value."})
     distributed_timeout_s: int = _f(
         1800, "Seconds a process waits for a hung peer before the run fails (a crashed peer fails it at once).", min=1
     )
@@ -288,6 +321,10 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        # A list meets the list option: its own error (which item, which key) says more than "expected X or Y".
+        list_options = [o for o in options if typing.get_origin(o) is list]
+        if isinstance(value, list) and len(list_options) == 1:
+            return _check_type(key, value, list_options[0])
         errors = []
         for option in options:
             if option is type(None):
@@ -303,6 +340,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: got {_show(value)}, expected a list of {_type_name(item_type)}")
         return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: got {_show(value)}, expected true or false")
@@ -334,6 +373,8 @@ def _type_name(hint: Any) -> str:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
     if origin is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
     return {str: "text", int: "an integer", float: "a number", bool: "true/false", type(None): "null"}.get(
         hint, str(hint)
     )
@@ -347,12 +388,18 @@ def validate_for_training(cfg: RunConfig) -> None:
     """Checks a `train` run needs beyond types: data files exist, options fit together."""
     if cfg.data.train is None:
         raise ConfigError("data.train: missing; set it to a data file, e.g. data.train=examples/demo/train.jsonl")
-    _check_data_path("data.train", cfg.data.train)
+    train_sources = _checked_sources("data.train", cfg.data.train)
+    val_names = [s.name for s in train_sources] if cfg.data.val_split > 0 else []
     if cfg.data.val is not None:
-        _check_data_path("data.val", cfg.data.val)
+        val_names = [s.name for s in _checked_sources("data.val", cfg.data.val)]
         if cfg.data.val_split > 0:
             raise ConfigError(f"data.val_split: got {cfg.data.val_split}, must be 0 when data.val is given")
     check_method_settings(cfg)
+    guarded = cfg.train.guard.source
+    if guarded is not None and guarded not in val_names:
+        known = f"validation sources: {', '.join(val_names)}" if val_names else "no validation data (set data.val " \
+            "or data.val_split)"
+        raise ConfigError(f"train.guard.source: got {guarded!r}, but there is no such validation source ({known})")
     if cfg.train.early_stopping_patience > 0 and cfg.data.val is None and cfg.data.val_split == 0:
         raise ConfigError(
             f"train.early_stopping_patience: got {cfg.train.early_stopping_patience}, needs validation data "
@@ -377,6 +424,44 @@ def check_method_settings(cfg: RunConfig) -> None:
                           "is small enough to replicate)")
     if cfg.train.distributed == "fsdp" and cfg.train.compile:
         raise ConfigError("train.compile: not supported with train.distributed=fsdp yet; turn one of them off")
+
+
+# `path: builtin:general` is the general instruction set that ships with tuneforge (scripts/make_general_data.py).
+BUILTIN_DATA = {"builtin:general": Path(__file__).resolve().parent / "data" / "general" / "general_instructions.jsonl"}
+
+
+def data_sources(value: str | list[DataSource]) -> list[DataSource]:
+    """`data.train` / `data.val` as a list of named sources (a plain path is one source, named after its file)."""
+    listed = [DataSource(path=value)] if isinstance(value, str) else value
+    named = []
+    for s in listed:
+        builtin = BUILTIN_DATA.get(s.path) if s.path else None
+        name = s.name or (s.path.split(":", 1)[1] if builtin else Path(s.path).stem if s.path else None)
+        named.append(dataclasses.replace(s, name=name, path=str(builtin) if builtin else s.path))
+    return named
+
+
+def _checked_sources(key: str, value: str | list[DataSource]) -> list[DataSource]:
+    if isinstance(value, list) and not value:
+        raise ConfigError(f"{key}: an empty list; give a file or a list of sources")
+    for i, source in enumerate(value if isinstance(value, list) else []):
+        where = f"{key}[{i}]"
+        if source.path is None:
+            raise ConfigError(f"{where}.path: missing; every source needs a file")
+        if source.weight is not None and source.epochs is not None:
+            raise ConfigError(f"{where}: give weight or epochs, not both")
+    sources = data_sources(value)
+    for i, source in enumerate(sources):
+        _check_data_path(f"{key}[{i}].path" if isinstance(value, list) else key, source.path)
+    names = [s.name for s in sources]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{key}: two sources are named {duplicate!r}; give them distinct `name`s")
+    weighted = [s.weight is not None for s in sources]
+    if any(weighted) and not all(weighted):
+        raise ConfigError(f"{key}: source {names[weighted.index(False)]!r} has no weight; give every source a "
+                          f"weight, or none (then each source's `epochs` decides, default 1)")
+    return sources
 
 
 def _check_data_path(key: str, value: str) -> None:

@@ -34,11 +34,16 @@ GROUP_WINDOW_BATCHES = 50
 GROUP_WINDOW_TOKENS_EXAMPLES = 256
 
 
-def epoch_steps(lengths: list[int], plan: StepPlan, epoch: int) -> list[list[list[int]]]:
-    """Steps of one epoch, each a list of micro-batches of example indices; a pure function of (lengths, plan, epoch)
-    so a resumed run replays the same plan. The last step may be smaller."""
+def epoch_steps(lengths: list[int], plan: StepPlan, epoch: int,
+                pool: list[int] | None = None) -> list[list[list[int]]]:
+    """Steps of one epoch, each a list of micro-batches of example indices; a pure function of (lengths, plan, epoch,
+    pool) so a resumed run replays the same plan. The last step may be smaller. `pool`: the epoch's examples when
+    sources are mixed (tuneforge.data.mixing.epoch_pool); every example once otherwise."""
     rng = np.random.default_rng([plan.seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
+    if pool is None:
+        order = rng.permutation(len(lengths)).tolist()
+    else:
+        order = [pool[i] for i in rng.permutation(len(pool))]
     grouped = plan.group_by_length and not plan.packing
     if grouped:
         window = GROUP_WINDOW_TOKENS_EXAMPLES if plan.tokens_per_batch else GROUP_WINDOW_BATCHES * plan.batch_size
@@ -53,12 +58,17 @@ def epoch_steps(lengths: list[int], plan: StepPlan, epoch: int) -> list[list[lis
     return [micro[i : i + plan.grad_accum] for i in range(0, len(micro), plan.grad_accum)]
 
 
-def steps_in_epochs(lengths: list[int], plan: StepPlan, epochs: int) -> int:
-    """Optimizer steps in `epochs` epochs (token budgets make the count depend on each epoch's order)."""
+def steps_in_epochs(lengths: list[int], plan: StepPlan, epochs: int, pool_of=None) -> int:
+    """Optimizer steps in `epochs` epochs (token budgets make the count depend on each epoch's order).
+    `pool_of(epoch)`: each epoch's examples when sources are mixed."""
     if not plan.tokens_per_batch:
-        per_epoch = -(-len(lengths) // plan.batch_size)
-        return epochs * -(-per_epoch // plan.grad_accum)
-    return sum(len(epoch_steps(lengths, plan, e)) for e in range(epochs))
+        sizes = [len(pool_of(e)) if pool_of else len(lengths) for e in range(epochs)]
+        return sum(_ceil_div(_ceil_div(n, plan.batch_size), plan.grad_accum) for n in sizes)
+    return sum(len(epoch_steps(lengths, plan, e, pool_of(e) if pool_of else None)) for e in range(epochs))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _fill_token_budget(order: list[int], lengths: list[int], budget: int, packing: bool) -> list[list[int]]:

@@ -31,6 +31,7 @@ class Example:
     source: str  # "file:line", for messages that point the user at the row
     messages: tuple[dict[str, str], ...] | None = None
     text: str | None = None
+    origin: str = ""  # name of the data source it came from (data mixing, per-source losses)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from tuneforge.config import DataSettings
+from tuneforge.config import DataSettings, DataSource, data_sources
 from tuneforge.data.formats import Example, load_examples, load_examples_and_problems
 from tuneforge.data.tokenize import TokenizedExample, TokenizeReport, ensure_chat_template, tokenize_all
 from tuneforge.errors import DataError
@@ -31,21 +32,34 @@ class PreparedData:
 
 
 def read_raw(data: DataSettings, seed: int) -> tuple[list[Example], list[Example]]:
-    """Rows of train and validation data (validated, not tokenized): fast, so bad data fails before model loading."""
-    train = _validated_rows(data.train, data)
+    """Rows of train and validation data (validated, not tokenized): fast, so bad data fails before model loading.
+    Each row's `origin` names its source; with val_split, every training source gives its own share."""
+    train: list[Example] = []
     val: list[Example] = []
+    for source in data_sources(data.train):
+        rows = _source_rows(source, data, seed)
+        if data.val is None and data.val_split > 0:
+            rows, held_out = split_examples(rows, data.val_split, seed)
+            val += held_out
+        train += rows
     if data.val is not None:
-        val = _validated_rows(data.val, data)
-    elif data.val_split > 0:
-        train, val = split_examples(train, data.val_split, seed)
+        val = [row for source in data_sources(data.val) for row in _source_rows(source, data, seed)]
     return train, val
 
 
-def _validated_rows(path: str, data: DataSettings) -> list[Example]:
+def _source_rows(source: DataSource, data: DataSettings, seed: int) -> list[Example]:
+    rows = _validated_rows(source.path, data, data.format if source.format == "default" else source.format)
+    if source.max_rows is not None and len(rows) > source.max_rows:
+        keep = sorted(np.random.default_rng([seed, len(rows)]).choice(len(rows), source.max_rows, replace=False))
+        rows = [rows[i] for i in keep]
+    return [dataclasses.replace(row, origin=source.name) for row in rows]
+
+
+def _validated_rows(path: str, data: DataSettings, fmt: str) -> list[Example]:
     """The checks of `tuneforge data check` (every row, every problem); bad rows fail the run or are skipped."""
     if data.on_error == "fail":
-        return load_examples(path, data.format, data.system_prompt, on_error="fail")
-    examples, problems = load_examples_and_problems(path, data.format, data.system_prompt)
+        return load_examples(path, fmt, data.system_prompt, on_error="fail")
+    examples, problems = load_examples_and_problems(path, fmt, data.system_prompt)
     if problems:
         lines = ", ".join(p.where.rsplit(":", 1)[-1] for p in problems)
         log.warning("data: skipped %d bad rows of %s (data.on_error=skip): lines %s", len(problems), path, lines)
@@ -75,7 +89,7 @@ def tokenize_data(
     ensure_chat_template(tokenizer)
     train, train_report = tokenize_all(tokenizer, train_rows, data.max_length, data.overlong, data.train_on_prompt)
     if not train:
-        raise DataError(f"{data.train}: no usable training examples after tokenization ({train_report.summary()})")
+        raise DataError(f"{', '.join(s.path for s in data_sources(data.train))}: no usable training examples after tokenization ({train_report.summary()})")
     val, val_report = [], None
     if val_rows:
         # Validation always measures the answer tokens: it is the quantity users compare across runs.

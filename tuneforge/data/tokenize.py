@@ -30,6 +30,7 @@ class TokenizedExample:
     # target[i] is True when token i is a training target (predicted from tokens < i of the same example).
     target: list[bool]
     source: str
+    origin: str = ""  # the data source's name (see Example.origin)
 
     @property
     def num_targets(self) -> int:
@@ -107,7 +108,7 @@ def tokenize_example(tokenizer, example: Example, train_on_prompt: bool = False)
             target += [is_answer or train_on_prompt] * len(piece_ids)
     if target:
         target[0] = False  # nothing inside the example predicts its first token
-    return TokenizedExample(input_ids=ids, target=target, source=example.source)
+    return TokenizedExample(input_ids=ids, target=target, source=example.source, origin=example.origin)
 
 
 def _last_answer(pieces: list[tuple[str, bool]], index: int) -> bool:
@@ -127,7 +128,8 @@ def fit_to_length(example: TokenizedExample, max_length: int, overlong: str) -> 
     if overlong == "drop":
         return None
     if all(example.target[1:]) or not any(example.target):  # completion text, or trained on everything
-        return TokenizedExample(example.input_ids[:max_length], example.target[:max_length], example.source)
+        return TokenizedExample(example.input_ids[:max_length], example.target[:max_length], example.source,
+                                example.origin)
     answer_start = _last_answer_start(example.target)
     tail = n - answer_start
     budget = max_length - tail
@@ -137,7 +139,7 @@ def fit_to_length(example: TokenizedExample, max_length: int, overlong: str) -> 
     keep = list(range(head)) + list(range(answer_start - (budget - head), n))
     ids = [example.input_ids[i] for i in keep]
     target = [example.target[i] if i >= answer_start else False for i in keep]
-    return TokenizedExample(ids, target, example.source)
+    return TokenizedExample(ids, target, example.source, example.origin)
 
 
 def _last_answer_start(target: list[bool]) -> int:

@@ -26,11 +26,12 @@ import torch
 import yaml
 
 from tuneforge import __version__
-from tuneforge.config import RunConfig, validate_for_training
+from tuneforge.config import RunConfig, data_sources, validate_for_training
 from tuneforge.data.batching import StepPlan, collate, epoch_steps, steps_in_epochs
 from tuneforge.data.formats import Example
+from tuneforge.data.mixing import describe, epoch_pool, plan_shares
 from tuneforge.data.prepare import read_raw, tokenize_data
-from tuneforge.errors import ConfigError, Preempted, TrainingStopped
+from tuneforge.errors import ConfigError, DataError, Preempted, TrainingStopped
 from tuneforge.model.attention import use_packed_attention, use_standard_attention
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
@@ -40,7 +41,7 @@ from tuneforge.train.forward import AnswerTokenLossSum, causal_lm_of
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
 from tuneforge.train.signals import StopRequests
 from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses, truncate_metrics
-from tuneforge.train.validate import validation_loss
+from tuneforge.train.validate import validation_by_source
 
 log = logging.getLogger("tuneforge")
 
@@ -68,6 +69,7 @@ class TrainerState:
     spike_steps: int = 0  # consecutive spiking steps
     recent_losses: list[float] = field(default_factory=list)
     world_size: int = 1  # processes that trained it: a step's data depends on it
+    guard_baseline: float | None = None  # the guarded source's validation loss at step 0
 
 
 @dataclass
@@ -141,7 +143,13 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     # One plan for the whole world: a global step is grad_accum micro-batches per rank.
     step_plan = StepPlan(t.batch_size, t.grad_accum * world.size, t.tokens_per_batch, cfg.data.packing,
                          cfg.data.group_by_length, t.seed)
-    total_steps = t.max_steps or steps_in_epochs(lengths, step_plan, t.epochs)
+    pool_of = None  # one source: every example once per epoch
+    if isinstance(cfg.data.train, list):
+        shares = plan_shares(data_sources(cfg.data.train), [ex.origin for ex in data.train])
+        pool_of = lambda epoch: epoch_pool(shares, t.seed, epoch)  # noqa: E731
+        if world.is_main:
+            log.info("data mix per epoch: %s", describe(shares))
+    total_steps = t.max_steps or steps_in_epochs(lengths, step_plan, t.epochs, pool_of)
     pad_id = tokenizer.pad_token_id
     if loaded is not None:
         state, best_state = _restore(loaded, resume_from, world, loss_module, optimizer)
@@ -155,7 +163,27 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                       write=world.is_main)
     tracker.log({"event": "resume" if resume_from else "start", "step": state.step, "total_steps": total_steps,
                  "train_examples": len(data.train), "val_examples": len(data.val), "device": device,
-                 "method": cfg.method, "processes": world.size, "distributed": world.mode})
+                 "method": cfg.method, "processes": world.size, "distributed": world.mode,
+                 **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {})})
+
+    def validate() -> tuple[float, dict[str, float]]:
+        overall, by_source = validation_by_source(model, data.val, t.batch_size, cfg.data.packing, pad_id, device,
+                                                  autocast_dtype, world, loss_module)
+        tracker.log({"step": state.step, "val_loss": overall,
+                     **({"val_loss_by_source": by_source} if len(by_source) > 1 or guard else {})})
+        shown = "".join(f", {name} {loss:.4f}" for name, loss in by_source.items()) if len(by_source) > 1 else ""
+        tracker.message(f"step {state.step}: val_loss {overall:.4f}{shown}")
+        return overall, by_source
+
+    guard = t.guard.source
+    if guard and not any(ex.origin == guard for ex in data.val):
+        raise DataError(f"train.guard.source: no validation examples of {guard!r} are left after tokenization")
+    keep_best = bool(t.early_stopping_patience or guard)
+    if guard and state.guard_baseline is None:
+        # The forgetting guard measures against the model before any update; that model is also the fallback "best".
+        state.best_val, by_source = validate()
+        state.guard_baseline = by_source[guard]
+        best_state = distributed.gather_trainable(world, model, loss_module)
 
     def checkpoint() -> Path:
         # Every rank takes part in gathering (FSDP shards, RNG states); rank 0 writes; the others wait for it.
@@ -174,7 +202,7 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     loss_module.train()
     with StopRequests() as stop:
         while state.step < total_steps and not stopped_early:
-            plan = epoch_steps(lengths, step_plan, state.epoch)
+            plan = epoch_steps(lengths, step_plan, state.epoch, pool_of(state.epoch) if pool_of else None)
             # On resume the first `step_in_epoch` steps of this epoch were already taken: the data position.
             for micro_batches in plan[state.step_in_epoch:]:
                 if state.step >= total_steps:
@@ -229,13 +257,19 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                             f"{ckpt.latest_checkpoint(run_dir) or 'none'}")
 
                 if data.val and (state.step == total_steps or (t.eval_every and state.step % t.eval_every == 0)):
-                    state.val_loss = validation_loss(model, data.val, t.batch_size, cfg.data.packing, pad_id, device,
-                                                     autocast_dtype, world, loss_module)
-                    tracker.log({"step": state.step, "val_loss": state.val_loss})
-                    tracker.message(f"step {state.step}: val_loss {state.val_loss:.4f}")
-                    if state.best_val is None or state.val_loss < state.best_val:
+                    state.val_loss, by_source = validate()
+                    limit = state.guard_baseline * (1 + t.guard.max_increase) if guard else math.inf
+                    if guard and by_source[guard] > limit:
+                        tracker.message(f"forgetting guard at step {state.step}: {guard} validation loss "
+                                        f"{by_source[guard]:.4f} is more than {t.guard.max_increase:.0%} above its "
+                                        f"step-0 value {state.guard_baseline:.4f}; stopping with the best weights "
+                                        f"that stayed within it")
+                        tracker.log({"step": state.step, "guard_stop": guard, "guard_loss": by_source[guard],
+                                     "guard_limit": limit})
+                        stopped_early = True
+                    elif state.best_val is None or state.val_loss < state.best_val:
                         state.best_val, state.evals_without_gain = state.val_loss, 0
-                        if t.early_stopping_patience:
+                        if keep_best:
                             best_state = distributed.gather_trainable(world, model, loss_module)
                     else:
                         state.evals_without_gain += 1
