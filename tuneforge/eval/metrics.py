@@ -6,6 +6,7 @@ match are fractions in [0, 1] averaged over examples; BLEU is sacrebleu's corpus
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 
@@ -41,6 +42,7 @@ def rouge_per_example(predictions: list[str], references: list[str]) -> list[dic
     the same defaults as Hugging Face `evaluate`)."""
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." on every call
     _check_lengths(predictions, references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
     return [{k: s.fmeasure for k, s in scorer.score(ref, pred).items()} for pred, ref in zip(predictions, references)]
