@@ -112,3 +112,12 @@ def test_forgetting_check_compares_base_and_tuned_on_general_text(tiny_model, ti
     assert scores["general_perplexity_tuned"] > scores["general_perplexity_base"]
     assert scores["general_perplexity_change"] == pytest.approx(
         scores["general_perplexity_tuned"] / scores["general_perplexity_base"] - 1)
+
+
+def test_forgetting_check_reads_the_bundled_general_set(tiny_model, tokenizer):
+    from tuneforge.config import BUILTIN_DATA
+    from tuneforge.eval.forgetting import general_perplexity
+
+    bundled = general_perplexity(tiny_model, tokenizer, "builtin:general", max_rows=4)
+    direct = answer_perplexity(tiny_model, tokenizer, load_examples(str(BUILTIN_DATA["builtin:general"]))[:4])
+    assert bundled.examples == 4 and bundled.loss == pytest.approx(direct.loss)

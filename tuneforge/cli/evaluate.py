@@ -118,7 +118,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     f = p.add_argument_group("forgetting check")
-    f.add_argument("--general", help="general text (.txt, or any data file): perplexity of base and tuned on it")
+    f.add_argument("--general", help="general text (.txt, any data file, or builtin:general): perplexity of base and "
+                                   "tuned on it")
     f.add_argument("--general-rows", type=int, default=32, help="rows (about 2,000 characters each) of it to score; "
                                                                 "0: all")
     m = p.add_argument_group("benchmarks")

@@ -2,7 +2,8 @@
 
 A fine-tune that teaches one task can cost general ability (catastrophic forgetting); its first visible sign is that
 the tuned model finds ordinary text less likely than its base did. Any file `tuneforge.eval.perplexity` reads works:
-plain .txt (paragraphs), or instruction/chat/completion rows (answer tokens scored, as in validation loss).
+plain .txt (paragraphs), or instruction/chat/completion rows (answer tokens scored, as in validation loss), or
+`builtin:general`, the general instruction set that ships with tuneforge (the one data mixing uses).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from tuneforge.eval.perplexity import Perplexity, answer_perplexity, load_text_o
 def general_perplexity(model, tokenizer, path: str, max_rows: int | None = None, batch_size: int = 8,
                        max_length: int | None = None) -> Perplexity:
     """Perplexity of one loaded model on a general text file (its first `max_rows` rows when given)."""
-    rows = load_text_or_rows(path)
+    from tuneforge.config import BUILTIN_DATA
+
+    rows = load_text_or_rows(str(BUILTIN_DATA.get(path, path)))
     return answer_perplexity(model, tokenizer, rows[:max_rows] if max_rows else rows, batch_size, max_length)
 
 
