@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from tuneforge.errors import UserError
 
@@ -25,6 +26,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     rows = read_raw(cfg.data, cfg.train.seed)
     if args.nproc:
         return _launch_torchrun(args.nproc, cfg, args.argv)
+    from tuneforge.plan.allocator import steady_malloc
+    from tuneforge.plan.estimate import preflight_report
+
+    steady_malloc()  # RSS follows live tensors (glibc otherwise keeps freed activation memory); the estimate assumes it
+    if os.environ.get("RANK", "0") == "0":
+        # The planned peak before the model loads: a run that cannot fit says so now, not after minutes of loading.
+        text, warning = preflight_report(cfg)
+        print(text, file=sys.stderr, flush=True)
+        if warning is not None:
+            print(warning, file=sys.stderr, flush=True)
     from tuneforge.train.loop import train
 
     result = train(cfg, show_progress=not args.quiet, rows=rows)
@@ -37,7 +48,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _launch_torchrun(nproc: int, cfg, raw_argv: list[str]) -> int:
     """`--nproc N`: this same command under torchrun on one machine (config and data were checked once, above)."""
     import subprocess
-    import sys
 
     if cfg.train.distributed == "none":
         raise UserError(f"--nproc {nproc}: train.distributed is 'none'; use ddp or fsdp (or leave it at auto)")
