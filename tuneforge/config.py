@@ -151,6 +151,15 @@ class TrainSettings:
     early_stopping_patience: int = _f(
         0, "Stop after this many validations without a new best val loss, keeping the best weights; 0 = off.", min=0
     )
+    eval_metric: Union[Literal["exact_match", "exact_match_normalised", "rouge1", "rouge2", "rougeL", "bleu"],
+                       None] = _f(
+        None, "Also generate answers for a sample of the validation rows at each evaluation and log this metric "
+        "(greedy; higher is better); null = off.")
+    eval_metric_sample: int = _f(32, "Validation rows answered for eval_metric (the same rows each time); 0 = all.",
+                                 min=0)
+    eval_metric_max_new_tokens: int = _f(64, "Longest generated answer for eval_metric.", min=1)
+    early_stopping_metric: Literal["val_loss", "eval_metric"] = _f(
+        "val_loss", "What early stopping (and the best weights kept) follows: validation loss, or train.eval_metric.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).")
     compile: bool = _f(False, "torch.compile the decoder (dynamic shapes); see the README for what it gives here.")
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
@@ -422,6 +431,14 @@ def check_method_settings(cfg: RunConfig) -> None:
         # not supported by bitsandbytes on CPU; DDP replicates the 4-bit base and works.
         raise ConfigError("train.distributed: 'fsdp' is not supported with method 'qlora'; use ddp (the 4-bit base "
                           "is small enough to replicate)")
+    if cfg.train.early_stopping_metric == "eval_metric" and cfg.train.eval_metric is None:
+        raise ConfigError("train.early_stopping_metric: 'eval_metric' needs train.eval_metric (e.g. exact_match)")
+    if cfg.train.eval_metric is not None and cfg.data.val is None and cfg.data.val_split == 0:
+        raise ConfigError(f"train.eval_metric: got {cfg.train.eval_metric!r}, needs validation data "
+                          f"(set data.val or data.val_split)")
+    if cfg.train.distributed == "fsdp" and cfg.train.eval_metric is not None:
+        # Generation calls the model's own forward, outside the FSDP root that gathers the sharded weights.
+        raise ConfigError("train.eval_metric: not supported with train.distributed=fsdp yet; use ddp or turn it off")
     if cfg.train.distributed == "fsdp" and cfg.train.compile:
         raise ConfigError("train.compile: not supported with train.distributed=fsdp yet; turn one of them off")
 

@@ -118,3 +118,27 @@ def test_compiled_layers_give_the_same_losses(tiny_model_dir, data_file, tmp_pat
                      show_progress=False)
     a, b = _step_losses(eager.run_dir), _step_losses(compiled.run_dir)
     assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def test_eval_metric_is_logged_and_early_stopping_can_follow_it(tmp_path, tiny_model_dir):
+    import json as _json
+
+    from tests.conftest import write_jsonl as _write
+    from tuneforge.config import load_config as _load
+    from tuneforge.train.loop import train as _train
+
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(24)]
+    data = _write(tmp_path / "d.jsonl", rows)
+    result = _train(_load(overrides=[
+        f"model={tiny_model_dir}", f"data.train={data}", f"output_dir={tmp_path / 'run'}", "data.val_split=0.25",
+        "train.batch_size=4", "train.epochs=4", "train.eval_every=2", "train.lr=1e-2", "train.eval_metric=exact_match",
+        "train.eval_metric_sample=4", "train.eval_metric_max_new_tokens=4", "train.early_stopping_patience=1",
+        "train.early_stopping_metric=eval_metric"]), show_progress=False)
+    records = [_json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_exact_match" in r]
+    # A random tiny model never answers right: exact match stays 0, so the second evaluation is "no improvement"
+    # and the run stops there with the first evaluation's weights, although its validation loss kept falling.
+    assert [r["val_exact_match"] for r in evals] == [0.0, 0.0]
+    assert result.stopped_early and result.steps == 4
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert abs(result.val_loss - evals[0]["val_loss"]) < 1e-9

@@ -23,6 +23,7 @@ class PreparedData:
     val: list[TokenizedExample]
     train_report: TokenizeReport
     val_report: TokenizeReport | None
+    val_rows: list[Example] = dataclasses.field(default_factory=list)  # untokenized: generation metrics need them
 
     def summary(self) -> str:
         line = f"train: {self.train_report.summary()}"
@@ -94,4 +95,4 @@ def tokenize_data(
     if val_rows:
         # Validation always measures the answer tokens: it is the quantity users compare across runs.
         val, val_report = tokenize_all(tokenizer, val_rows, data.max_length, data.overlong, False)
-    return PreparedData(train, val, train_report, val_report)
+    return PreparedData(train, val, train_report, val_report, list(val_rows))

@@ -63,7 +63,8 @@ class TrainerState:
     step_in_epoch: int = 0  # steps of the current epoch done (the data position)
     last_loss: float = math.nan
     val_loss: float | None = None
-    best_val: float | None = None
+    best_val: float | None = None  # validation loss at the best evaluation
+    best_score: float | None = None  # what "best" follows (lower is better): val loss, or -eval_metric
     evals_without_gain: int = 0
     bad_steps: int = 0  # consecutive non-finite steps
     spike_steps: int = 0  # consecutive spiking steps
@@ -166,14 +167,29 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                  "method": cfg.method, "processes": world.size, "distributed": world.mode,
                  **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {})})
 
-    def validate() -> tuple[float, dict[str, float]]:
+    def validate() -> tuple[float, dict[str, float], float]:
+        """Validation loss (overall and per source), the generation metric if asked for, and the score that "best"
+        follows (lower is better)."""
         overall, by_source = validation_by_source(model, data.val, t.batch_size, cfg.data.packing, pad_id, device,
                                                   autocast_dtype, world, loss_module)
-        tracker.log({"step": state.step, "val_loss": overall,
-                     **({"val_loss_by_source": by_source} if len(by_source) > 1 or guard else {})})
+        record = {"step": state.step, "val_loss": overall,
+                  **({"val_loss_by_source": by_source} if len(by_source) > 1 or guard else {})}
         shown = "".join(f", {name} {loss:.4f}" for name, loss in by_source.items()) if len(by_source) > 1 else ""
+        score = overall
+        if t.eval_metric:
+            # What the model writes, not only how well it predicts the reference: the two can disagree. (The one
+            # place the loop reaches into eval/: generation and metrics live there for `tuneforge eval` too.)
+            from tuneforge.eval.during_training import sample_metric
+
+            value = sample_metric(model, tokenizer, data.val_rows, t.eval_metric, t.eval_metric_sample,
+                                  t.eval_metric_max_new_tokens, seed=t.seed, batch_size=t.batch_size)
+            record[f"val_{t.eval_metric}"] = value
+            shown += f", {t.eval_metric} {value:.4f}"
+            if t.early_stopping_metric == "eval_metric":
+                score = -value
+        tracker.log(record)
         tracker.message(f"step {state.step}: val_loss {overall:.4f}{shown}")
-        return overall, by_source
+        return overall, by_source, score
 
     guard = t.guard.source
     if guard and not any(ex.origin == guard for ex in data.val):
@@ -181,7 +197,7 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     keep_best = bool(t.early_stopping_patience or guard)
     if guard and state.guard_baseline is None:
         # The forgetting guard measures against the model before any update; that model is also the fallback "best".
-        state.best_val, by_source = validate()
+        state.best_val, by_source, state.best_score = validate()
         state.guard_baseline = by_source[guard]
         best_state = distributed.gather_trainable(world, model, loss_module)
 
@@ -257,7 +273,7 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                             f"{ckpt.latest_checkpoint(run_dir) or 'none'}")
 
                 if data.val and (state.step == total_steps or (t.eval_every and state.step % t.eval_every == 0)):
-                    state.val_loss, by_source = validate()
+                    state.val_loss, by_source, score = validate()
                     limit = state.guard_baseline * (1 + t.guard.max_increase) if guard else math.inf
                     if guard and by_source[guard] > limit:
                         tracker.message(f"forgetting guard at step {state.step}: {guard} validation loss "
@@ -267,14 +283,15 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                         tracker.log({"step": state.step, "guard_stop": guard, "guard_loss": by_source[guard],
                                      "guard_limit": limit})
                         stopped_early = True
-                    elif state.best_val is None or state.val_loss < state.best_val:
-                        state.best_val, state.evals_without_gain = state.val_loss, 0
+                    elif state.best_score is None or score < state.best_score:
+                        state.best_val, state.best_score, state.evals_without_gain = state.val_loss, score, 0
                         if keep_best:
                             best_state = distributed.gather_trainable(world, model, loss_module)
                     else:
                         state.evals_without_gain += 1
                         if t.early_stopping_patience and state.evals_without_gain >= t.early_stopping_patience:
-                            tracker.message(f"early stopping at step {state.step}: no val improvement in "
+                            tracker.message(f"early stopping at step {state.step}: no {t.early_stopping_metric} "
+                                            f"improvement in "
                                             f"{state.evals_without_gain} evaluations; keeping the best weights")
                             stopped_early = True
                 save_due = state.step == total_steps or (t.save_every and state.step % t.save_every == 0)
