@@ -26,10 +26,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     rows = read_raw(cfg.data, cfg.train.seed)
     if args.nproc:
         return _launch_torchrun(args.nproc, cfg, args.argv)
-    from tuneforge.plan.allocator import steady_malloc
     from tuneforge.plan.estimate import preflight_report
 
-    steady_malloc()  # RSS follows live tensors (glibc otherwise keeps freed activation memory); the estimate assumes it
     if os.environ.get("RANK", "0") == "0":
         # The planned peak before the model loads: a run that cannot fit says so now, not after minutes of loading.
         text, warning = preflight_report(cfg)
