@@ -90,7 +90,8 @@ def tokenize_data(
     ensure_chat_template(tokenizer)
     train, train_report = tokenize_all(tokenizer, train_rows, data.max_length, data.overlong, data.train_on_prompt)
     if not train:
-        raise DataError(f"{', '.join(s.path for s in data_sources(data.train))}: no usable training examples after tokenization ({train_report.summary()})")
+        paths = ", ".join(s.path for s in data_sources(data.train))
+        raise DataError(f"{paths}: no usable training examples after tokenization ({train_report.summary()})")
     val, val_report = [], None
     if val_rows:
         # Validation always measures the answer tokens: it is the quantity users compare across runs.

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tuneforge.errors import ConfigError
+from tuneforge.train.checkpoint import load_trainable_state, trainable_state
 from tuneforge.train.forward import causal_lm_of
 
 WRAPPED_PREFIX = "model."  # the loss module holds the model as `.model`: FSDP's state-dict names carry this prefix
@@ -117,10 +118,6 @@ def all_reduce_sum(world: World, values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def any_rank(world: World, flag: bool) -> bool:
-    return bool(all_reduce_sum(world, [float(flag)])[0]) if world.distributed else flag
-
-
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
@@ -139,7 +136,7 @@ def total_norm(norm) -> float:
 def gather_trainable(world: World, model: torch.nn.Module, wrapped: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full trainable weights by parameter name; under FSDP only rank 0 receives them (others get {})."""
     if world.mode != "fsdp":
-        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        return trainable_state(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -180,8 +177,6 @@ def load_trainable(world: World, model: torch.nn.Module, wrapped: torch.nn.Modul
     """Put full trainable weights back. Under FSDP rank 0's full tensors are spread to every rank's shards (other ranks
     may pass {}, as `gather_trainable` gives them)."""
     if world.mode != "fsdp":
-        from tuneforge.train.checkpoint import load_trainable_state
-
         load_trainable_state(model, weights)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
