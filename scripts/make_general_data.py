@@ -101,18 +101,19 @@ WORDS = ["garden", "planet", "window", "orange", "bridge", "candle", "forest", "
          "pencil", "rocket", "island", "summer", "travel", "yellow", "animal", "button", "circle", "doctor"]
 
 
+# Each table of facts as one question and answer pattern.
+FACT_QUESTIONS = [
+    (CAPITALS, "What is the capital of {key}?", "The capital of {key} is {value}."),
+    (ELEMENTS, "What is the chemical symbol for {key}?", "The chemical symbol for {key} is {value}."),
+    (OPPOSITES, 'What is the opposite of "{key}"?', 'The opposite of "{key}" is "{value}".'),
+    (PLURALS, 'What is the plural of "{key}"?', 'The plural of "{key}" is "{value}".'),
+    (PAST, 'What is the past tense of "{key}"?', 'The past tense of "{key}" is "{value}".'),
+]
+
+
 def rows(rng: random.Random) -> list[dict]:
-    out = []
-    for country, capital in CAPITALS.items():
-        out.append((f"What is the capital of {country}?", f"The capital of {country} is {capital}."))
-    for element, symbol in ELEMENTS.items():
-        out.append((f"What is the chemical symbol for {element}?", f"The chemical symbol for {element} is {symbol}."))
-    for word, opposite in OPPOSITES.items():
-        out.append((f"What is the opposite of \"{word}\"?", f"The opposite of \"{word}\" is \"{opposite}\"."))
-    for word, plural in PLURALS.items():
-        out.append((f"What is the plural of \"{word}\"?", f"The plural of \"{word}\" is \"{plural}\"."))
-    for verb, past in PAST.items():
-        out.append((f"What is the past tense of \"{verb}\"?", f"The past tense of \"{verb}\" is \"{past}\"."))
+    out = [(question.format(key=key), answer.format(key=key, value=value))
+           for facts, question, answer in FACT_QUESTIONS for key, value in facts.items()]
     for term, meaning in DEFINITIONS.items():
         out.append((f"Explain what {term} is in one sentence.", f"{term[0].upper() + term[1:]} is {meaning}."))
     out += ADVICE
