@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
         [sys.executable, "-m", "tuneforge", *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+def wait_until_serving(process: subprocess.Popen, port: int, output, timeout: float = 180) -> None:
+    """Poll `tuneforge serve`'s /health until it answers; fail with the server's `output()` if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, output()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as health:
+                if health.status == 200:
+                    return
+        except OSError:  # not listening yet
+            pass
+        assert time.monotonic() < deadline, "tuneforge serve did not come up"
+        time.sleep(0.2)

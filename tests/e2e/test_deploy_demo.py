@@ -14,14 +14,12 @@ import re
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import EMBEDDED, ROOT, write_jsonl
+from tests.conftest import EMBEDDED, ROOT, wait_until_serving, write_jsonl
 from tests.unit.test_export_gguf import (LLAMA_CPP_RUNNER, assert_llama_cpp_matches, llama_cpp_greedy,
                                          needs_llama_cpp, transformers_greedy)
 
@@ -173,17 +171,7 @@ def served(demo_run, tmp_path_factory):
              "--port", str(port), "--api-key", KEY, "--max-tokens-limit", "32"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as health:
-                    if health.status == 200:
-                        break
-            except OSError:  # not listening yet
-                pass
-            assert time.monotonic() < deadline, "tuneforge serve did not come up"
-            time.sleep(0.2)
+        wait_until_serving(process, port, log.read_text)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         process.terminate()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_until_serving
 from tests.unit.test_merge import make_lora_run
 
 KEY = "test-secret"
@@ -458,19 +458,7 @@ def test_serve_command_runs_a_server_the_openai_client_can_use(tiny_model_dir, r
          f"alpha={runs['alpha']}", "--port", str(port), "--api-key", KEY, "--max-tokens-limit", "16"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        import urllib.request
-
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as health:
-                    if health.status == 200:
-                        break
-            except OSError:  # not listening yet
-                pass
-            assert time.monotonic() < deadline, "tuneforge serve did not come up"
-            time.sleep(0.2)
+        wait_until_serving(process, port, process.stdout.read)
         api = openai_client(f"http://127.0.0.1:{port}/v1")
         reply = api.chat.completions.create(model="alpha", messages=[{"role": "user", "content": QUESTIONS[2]}],
                                             max_tokens=5, temperature=0)
