@@ -10,11 +10,11 @@ import logging
 import os
 import sys
 
-from tuneforge.cli import chat, data, deploy, evaluate, plan, train
+from tuneforge.cli import chat, data, deploy, evaluate, plan, train, ui
 from tuneforge.errors import UserError
 
 # The table: every subcommand family, in the order `tuneforge --help` lists them.
-FAMILIES = [train, data, evaluate, chat, deploy, plan]
+FAMILIES = [train, data, evaluate, chat, deploy, plan, ui]
 
 
 def build_parser() -> argparse.ArgumentParser:
