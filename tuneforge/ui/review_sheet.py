@@ -114,9 +114,8 @@ def _row_line(sheet: Path, row_number: int, row: dict, review: dict) -> dict | N
     for column in SCORE_COLUMNS:
         text = cells[column]
         value = int(text) if text.isdigit() else text
-        problem = score_problem(value)
-        if problem:
-            raise refuse(column, problem)
+        if score_problem(value):  # quoted as typed in the sheet
+            raise refuse(column, f"expected a whole number from 1 to 5, got {text!r}")
         scores[column] = value
     if cells["preferred"] not in ("1", "2", "tie"):
         raise refuse("preferred", f"expected 1, 2 or tie, got {cells['preferred']!r}")
