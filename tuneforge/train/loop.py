@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from tuneforge.data.batching import StepPlan, collate, epoch_steps, steps_in_epo
 from tuneforge.data.formats import Example
 from tuneforge.data.mixing import describe, epoch_pool, plan_shares
 from tuneforge.data.prepare import read_raw, tokenize_data
-from tuneforge.errors import ConfigError, DataError, Preempted, TrainingStopped
+from tuneforge.errors import ConfigError, DataError, OutputWriteError, Preempted, TrainingStopped, UserError
 from tuneforge.model.attention import use_packed_attention, use_standard_attention
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
@@ -40,7 +41,8 @@ from tuneforge.train import distributed
 from tuneforge.train.forward import AnswerTokenLossSum, causal_lm_of
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
 from tuneforge.train.signals import StopRequests
-from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses, truncate_metrics
+from tuneforge.train.trackers import check_available, start_trackers
+from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses, read_status, truncate_metrics, write_status
 from tuneforge.train.validate import validation_by_source
 
 log = logging.getLogger("tuneforge")
@@ -89,14 +91,34 @@ def train(cfg: RunConfig, show_progress: bool = True,
     """`rows`: train and validation rows the caller already read with `read_raw` (the CLI does, before torch is
     imported); read here otherwise."""
     validate_for_training(cfg)
+    check_available(cfg.train.report_to)
     # Data first: a broken row fails in seconds, before the model is loaded.
     train_rows, val_rows = rows if rows is not None else read_raw(cfg.data, cfg.train.seed)
     device = pick_device(cfg.train.device)
     world = distributed.start(cfg.train.distributed, cfg.train.distributed_timeout_s, device)
     try:
         return _train(cfg, show_progress and world.is_main, train_rows, val_rows, device, world)
+    except BaseException as exc:
+        if world.is_main:
+            _record_failed_attempt(Path(cfg.output_dir), exc)
+        raise
     finally:
         distributed.stop(world)
+
+
+def _record_failed_attempt(run_dir: Path, exc: BaseException) -> None:
+    """status.json says how this attempt ended: 'stopped' (a signal or Ctrl-C: resumable) or 'failed' (with the
+    error's line). Only a status this process wrote is changed: an error before the run started leaves an earlier
+    run's status as it was."""
+    status = read_status(run_dir)
+    if status is None or status.get("pid") != os.getpid() or status.get("state") != "running":
+        return
+    stopped = isinstance(exc, (Preempted, KeyboardInterrupt))
+    error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    try:
+        write_status(run_dir, "stopped" if stopped else "failed", error=error.splitlines()[0] if error else None)
+    except OutputWriteError:
+        pass  # the disk that failed the run may fail this too; the original error is what the user must see
 
 
 def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_rows: list[Example], device: str,
@@ -160,8 +182,11 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     elif world.is_main:
         (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh metrics file
     state.world_size = world.size
+    if world.is_main:
+        write_status(run_dir, "running", new_attempt=True, step=state.step, total_steps=total_steps)
     tracker = Tracker(run_dir, total_steps, start_step=state.step, show_progress=show_progress,
-                      write=world.is_main)
+                      write=world.is_main,
+                      trackers=start_trackers(t.report_to, run_dir, cfg.to_dict(), state.step) if world.is_main else [])
     tracker.log({"event": "resume" if resume_from else "start", "step": state.step, "total_steps": total_steps,
                  "train_examples": len(data.train), "val_examples": len(data.val), "device": device,
                  "method": cfg.method, "processes": world.size, "distributed": world.mode,
@@ -211,12 +236,13 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
             saved = ckpt.save_checkpoint(run_dir, state.step, weights, optimizer_state, asdict(state), config_text,
                                          t.keep_last, best_state, rank_rng)
             tracker.log({"step": state.step, "checkpoint": saved.name})
+            write_status(run_dir, "running", step=state.step, total_steps=total_steps)
         distributed.barrier(world)
         return saved
 
     stopped_early, first_step = False, state.step
     loss_module.train()
-    with StopRequests() as stop:
+    with StopRequests() as stop, tracker:  # the tracker closes (W&B and MLflow runs end) however the loop ends
         while state.step < total_steps and not stopped_early:
             plan = epoch_steps(lengths, step_plan, state.epoch, pool_of(state.epoch) if pool_of else None)
             # On resume the first `step_in_epoch` steps of this epoch were already taken: the data position.
@@ -324,6 +350,8 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     if world.is_main:
         tracker.log({"event": "end", "step": state.step, "final_val_loss": state.val_loss,
                      "stopped_early": stopped_early, "memory_per_process": memory})
+        write_status(run_dir, "finished", step=state.step, total_steps=total_steps, val_loss=state.val_loss,
+                     stopped_early=stopped_early)
         try:
             plot_losses(run_dir)
         except OSError as exc:  # the curve is a convenience; the weights are already safe on disk

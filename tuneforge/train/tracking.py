@@ -1,26 +1,33 @@
-"""What a run shows and keeps: a live progress bar, metrics as JSON lines, and a loss-curve PNG at the end."""
+"""What a run shows and keeps: a live progress bar, metrics as JSON lines (also sent to the trackers in
+`train.report_to`), the run's status for `tuneforge ui`, and a loss-curve PNG at the end."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from tuneforge.data.atomic_write import atomic_text_writer
 from tuneforge.errors import OutputWriteError
+from tuneforge.train.trackers import numeric_fields
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+STATUS_FILE = "status.json"
 
 
 class Tracker:
     """`write=False` (ranks other than 0 of a distributed run): shows and writes nothing."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, show_progress: bool = True,
-                 write: bool = True):
+                 write: bool = True, trackers: list | None = None):
         self.path = run_dir / METRICS_FILE
+        self.trackers = trackers or []
         self.run_dir = run_dir
         self.write = write
         self.bar = tqdm(
@@ -43,6 +50,10 @@ class Tracker:
                 fh.write(json.dumps(record) + "\n")
         except OSError as exc:
             raise OutputWriteError(f"cannot append to {self.path}: {exc.strerror or exc}") from None
+        metrics = numeric_fields(record)
+        if "step" in record and metrics and "event" not in record:
+            for tracker in self.trackers:
+                tracker.log(record["step"], metrics)
 
     def step(self, loss: float, lr: float, tokens_per_s: float) -> None:
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
@@ -52,8 +63,40 @@ class Tracker:
         if self.write:
             self.bar.write(text, file=sys.stderr)
 
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self.bar.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+
+def write_status(run_dir: Path, state: str, new_attempt: bool = False, **fields) -> None:
+    """`status.json`: running / finished / failed / stopped, with the pid and host that a reader (the UI) checks to
+    tell a live run from one whose process died without a word (kill -9, power loss). Replaced atomically.
+    `new_attempt`: this process starts (or resumes) the run; otherwise the earlier fields are updated."""
+    path = Path(run_dir) / STATUS_FILE
+    previous = {} if new_attempt else read_status(run_dir) or {}
+    now = round(time.time(), 3)
+    status = {**previous, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
+              "started": previous.get("started", now), "updated": now, "error": None, **fields}
+    try:
+        with atomic_text_writer(path) as fh:
+            fh.write(json.dumps(status) + "\n")
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def read_status(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
