@@ -24,6 +24,7 @@ from tuneforge.errors import ConfigError, OutputWriteError, TrainingStopped, Use
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import forward
 from tuneforge.train.loop import train
+from tuneforge.train.tracking import read_status
 
 
 def rows(n=40):
@@ -147,9 +148,12 @@ def test_sigterm_checkpoints_and_exits_75_then_resume_matches(tiny_model_dir, da
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err
     assert "stopped by signal" in err
+    stopped = read_status(out)
+    assert stopped["state"] == "stopped" and stopped["pid"] == proc.pid and "stopped by signal" in stopped["error"]
     latest = ckpt.latest_checkpoint(out)
     assert latest is not None and int(latest.name.split("-")[1]) >= target
     train(load_config(None, args + ["train.resume=auto"]), show_progress=False)
+    assert read_status(out)["state"] == "finished"
     assert_same_run(out, reference("train.save_every=0"))
 
 
