@@ -1,5 +1,5 @@
 // Line charts as plain SVG: no library, no network. Each chart's <svg> carries data-points (how many points are
-// drawn), which the browser tests read to see a live run's curve grow.
+// drawn, all series together) and each series' <path> its own, which the browser tests read to see a curve grow.
 "use strict";
 
 const PALETTE = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7480", "#6e7781"];
@@ -47,7 +47,8 @@ function lineChart(container, title, series, yLabel = "") {
     const color = s.color || PALETTE[i % PALETTE.length];
     if (!s.points.length) return;
     const d = s.points.map((p, j) => `${j ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join("");
-    add("path", { d, fill: "none", stroke: color, "stroke-width": 1.6, class: "series", "data-name": s.name });
+    add("path", { d, fill: "none", stroke: color, "stroke-width": 1.6, class: "series", "data-name": s.name,
+                 "data-points": s.points.length });
     if (s.dots || s.points.length < 30) {
       for (const p of s.points) add("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.4, fill: color });
     }

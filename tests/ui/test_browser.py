@@ -1,0 +1,187 @@
+"""The dashboard in a real headless chromium (Playwright): the runs list; a run page whose curve gains points while a
+real tiny training run writes metrics; a blind review of three prompts completed, reloaded and summarised (checked
+against review_stats on the saved ratings); the playground answering from both sides (checked against tuneforge's
+own generation). Screenshots of the run, review and playground pages go to docs/screenshots/."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_jsonl
+from tests.ui.conftest import serve_in_thread
+from tuneforge.config import load_config
+from tuneforge.train.loop import train
+from tuneforge.ui.app import create_app
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+QUESTIONS = ["Repeat the number 3.", "Repeat the number 5.", "Repeat the number 1."]
+WAIT_MS = 60_000
+LIVE_STEPS = 300  # a few seconds of tiny-model training, so the page sees the curve grow over several polls
+
+
+def tiny_run(tiny_model_dir, data_file, out: Path, *extra: str):
+    return load_config(None, [f"model={tiny_model_dir}", f"data.train={data_file}", "data.val_split=0.125",
+                              f"output_dir={out}", "train.batch_size=4", "train.lr=3e-3", "train.log_every=1",
+                              "train.warmup_ratio=0", *extra])
+
+
+@pytest.fixture(scope="module")
+def runs_root(tiny_model_dir, tmp_path_factory) -> Path:
+    """runs/tuned: a finished tiny LoRA run (for the review and the playground)."""
+    root = tmp_path_factory.mktemp("ui-runs")
+    data = write_jsonl(root.parent / "train.jsonl", [{"instruction": f"Repeat the number {i % 7}.",
+                                                      "output": f"{i % 7} {i % 7} {i % 7}"} for i in range(48)])
+    train(tiny_run(tiny_model_dir, data, root / "tuned", "train.max_steps=8", "train.eval_every=4"),
+          show_progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ui_url(runs_root):
+    url, stop = serve_in_thread(create_app(runs_root))
+    yield url
+    stop()
+
+
+def points(page, title: str) -> int:
+    return int(page.locator(f'svg.chart[data-title="{title}"]').get_attribute("data-points"))
+
+
+def test_runs_list_shows_each_run_with_status_method_and_settings(page, ui_url):
+    page.goto(ui_url + "/")
+    row = page.locator('tr[data-run="tuned"]')
+    row.wait_for(timeout=WAIT_MS)
+    text = row.inner_text()
+    assert "finished" in text and "lora" in text and "lr=0.003" in text and "r=16" in text and "8" in text
+
+
+def test_run_page_curve_gains_points_while_the_run_trains(page, ui_url, runs_root, tiny_model_dir):
+    data = runs_root.parent / "train.jsonl"
+    config = tiny_run(tiny_model_dir, data, runs_root / "live", f"train.max_steps={LIVE_STEPS}", "train.eval_every=50",
+                      "train.batch_size=2")
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            train(config, show_progress=False)
+        except BaseException as exc:  # shown by the assertion below, not lost in the thread
+            failure.append(exc)
+
+    trainer = threading.Thread(target=run, daemon=True)
+    trainer.start()
+    metrics = runs_root / "live" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):
+        assert time.monotonic() < deadline and not failure, failure
+        time.sleep(0.05)
+
+    page.goto(ui_url + "/run?run=live")
+    page.locator('svg.chart[data-title="loss"]').wait_for(timeout=WAIT_MS)
+    seen = [points(page, "loss")]
+    assert page.locator(".badge").first.inner_text() == "running"
+    # Two later redraws, each with more points: the page polls while metrics.jsonl grows.
+    for _ in range(2):
+        page.wait_for_function(f"document.querySelector('svg.chart[data-title=\"loss\"]').dataset.points > {seen[-1]}",
+                               timeout=WAIT_MS)
+        seen.append(points(page, "loss"))
+    trainer.join(timeout=300)
+    assert not failure, failure
+    page.locator(".badge.finished").wait_for(timeout=WAIT_MS)
+    train_loss = "document.querySelector('path[data-name=\"train loss\"]').dataset.points"
+    page.wait_for_function(f"{train_loss} == {LIVE_STEPS}", timeout=WAIT_MS)  # every step, once finished
+    assert seen[0] < seen[1] < seen[2]
+    assert points(page, "learning rate") == LIVE_STEPS == points(page, "tokens/s") == points(page, "grad norm")
+    assert points(page, "loss") == LIVE_STEPS + LIVE_STEPS // 50  # train loss and a val loss every 50 steps
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "run-page.png"), full_page=True)
+
+
+def rate(card, first: int, second: int, preferred: str) -> None:
+    for criterion in ("relevance", "correctness", "helpfulness", "safety", "format"):
+        card.locator(f'select[name="{criterion}-1"]').select_option(str(first))
+        card.locator(f'select[name="{criterion}-2"]').select_option(str(second))
+    card.locator(f'input[type=radio][value="{preferred}"]').check()
+    card.locator("button.save").click()
+
+
+def test_blind_review_of_three_prompts_is_kept_on_reload_and_summarised(page, ui_url, runs_root, tmp_path):
+    from tuneforge.ui.review_stats import summarize
+    from tuneforge.ui.review_store import read_ratings
+
+    prompts = write_jsonl(tmp_path / "review.jsonl", [{"instruction": q, "output": "x"} for q in QUESTIONS])
+    page.goto(ui_url + "/review?run=tuned")
+    page.locator('#system-b option[value="run:tuned"]').wait_for(state="attached", timeout=WAIT_MS)
+    page.select_option("#system-a", "base:tuned")
+    page.select_option("#system-b", "run:tuned")
+    page.set_input_files("#upload", str(prompts))
+    page.fill('input[name="max_new_tokens"]', "12")
+    page.click("#create")
+    cards = page.locator(".card[data-prompt]")
+    cards.nth(2).wait_for(timeout=WAIT_MS)
+    assert cards.count() == 3
+    assert "base" not in page.locator("#cards").inner_text()  # blind: no system names on the sheet
+
+    plan = {0: (4, 2, "1"), 1: (1, 5, "2"), 2: (3, 3, "tie")}  # position 1 score, position 2 score, preferred
+    for index, (first, second, preferred) in plan.items():
+        card = cards.nth(index)
+        rate(card, first, second, preferred)
+        page.locator(f'.card.saved[data-prompt="{index}"]').wait_for(timeout=WAIT_MS)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "review-page.png"), full_page=True)
+
+    page.reload()
+    page.locator(".card.saved[data-prompt]").nth(2).wait_for(timeout=WAIT_MS)
+    for index, (first, second, preferred) in plan.items():
+        card = page.locator(f'.card[data-prompt="{index}"]')
+        assert card.locator('select[name="correctness-1"]').input_value() == str(first)
+        assert card.locator('select[name="format-2"]').input_value() == str(second)
+        assert card.locator(f'input[type=radio][value="{preferred}"]').is_checked()
+
+    folder = next((runs_root / "tuned" / "reviews").iterdir())
+    review = json.loads((folder / "review.json").read_text())
+    lines = read_ratings(folder)
+    assert len(lines) == 3
+    for line in lines:  # what was clicked, by position, is what was saved, by system
+        order = review["items"][line["prompt"]]["order"]
+        first, second, preferred = plan[line["prompt"]]
+        assert line["ratings"][order[0]]["helpfulness"] == first and line["ratings"][order[1]]["safety"] == second
+        assert line["preferred"] == ("tie" if preferred == "tie" else order[int(preferred) - 1])
+
+    page.click("#summary-link")
+    page.locator("#summary-table").wait_for(timeout=WAIT_MS)
+    expected = summarize(lines)
+    for system in ("A", "B"):
+        cell = page.locator(f'td[data-criterion="relevance"][data-system="{system}"]')
+        assert float(cell.get_attribute("data-mean")) == pytest.approx(expected["criteria"]["relevance"][system]["mean"])
+        low, high = expected["criteria"]["relevance"][system]["low"], expected["criteria"]["relevance"][system]["high"]
+        assert f"[{low:.2f}, {high:.2f}]" in cell.inner_text()
+        rate_text = page.locator(f'td[data-win-rate="{system}"]').inner_text()
+        assert rate_text == f"{100 * expected['win_rate'][system]:.1f}%"
+    assert page.locator("td[data-ties]").inner_text() == "1"
+    assert "base (" in page.locator("#summary-table").inner_text()  # un-blinded here
+
+
+def test_playground_answers_from_base_and_tuned_side_by_side(page, ui_url, runs_root, tiny_model_dir):
+    from tuneforge.eval.generation import generate_replies
+    from tuneforge.model.trained import load_for_inference
+
+    page.goto(ui_url + "/playground?run=tuned")
+    page.locator('#right option[value="run:tuned"]').wait_for(state="attached", timeout=WAIT_MS)
+    assert page.locator("#left").input_value() == "base:tuned"
+    page.fill("#max-new-tokens", "10")
+    page.fill("#message", QUESTIONS[0])
+    page.click("#send")
+    page.locator("#log-left .turn.assistant").wait_for(timeout=WAIT_MS)
+    page.locator("#log-right .turn.assistant").wait_for(timeout=WAIT_MS)
+    shown = [page.locator(f"#log-{side} .turn.assistant .text").inner_text() for side in ("left", "right")]
+    conversation = [{"role": "user", "content": QUESTIONS[0]}]
+    expected = [generate_replies(*load_for_inference(source), [conversation], max_new_tokens=10)[0]
+                for source in (str(tiny_model_dir), str(runs_root / "tuned"))]
+    assert [s.strip() for s in shown] == [e.strip() for e in expected]
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "playground.png"), full_page=True)
