@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_jsonl
+from tests.conftest import EMBEDDED, write_jsonl
 from tests.ui.conftest import serve_in_thread
 from tuneforge.config import load_config
 from tuneforge.train.loop import train
@@ -31,13 +31,14 @@ def tiny_run(tiny_model_dir, data_file, out: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def runs_root(tiny_model_dir, tmp_path_factory) -> Path:
-    """runs/tuned: a finished tiny LoRA run (for the review and the playground)."""
+def runs_root(tmp_path_factory) -> Path:
+    """runs/tuned: a finished LoRA run on the embedded SmolLM2-135M (for the review and the playground: a tiny random
+    model answers only whitespace, which would test and show nothing)."""
     root = tmp_path_factory.mktemp("ui-runs")
     data = write_jsonl(root.parent / "train.jsonl", [{"instruction": f"Repeat the number {i % 7}.",
                                                       "output": f"{i % 7} {i % 7} {i % 7}"} for i in range(48)])
-    train(tiny_run(tiny_model_dir, data, root / "tuned", "train.max_steps=8", "train.eval_every=4"),
-          show_progress=False)
+    train(tiny_run(EMBEDDED, data, root / "tuned", "train.max_steps=6", "train.eval_every=3", "train.lr=2e-3",
+                   "data.max_length=64"), show_progress=False)
     return root
 
 
@@ -57,13 +58,15 @@ def test_runs_list_shows_each_run_with_status_method_and_settings(page, ui_url):
     row = page.locator('tr[data-run="tuned"]')
     row.wait_for(timeout=WAIT_MS)
     text = row.inner_text()
-    assert "finished" in text and "lora" in text and "lr=0.003" in text and "r=16" in text and "8" in text
+    for shown in ("finished", "smollm2-135m-instruct", "lora", "lr=0.002", "max_steps=6", "r=16", "6/6"):
+        assert shown in text, (shown, text)
 
 
 def test_run_page_curve_gains_points_while_the_run_trains(page, ui_url, runs_root, tiny_model_dir):
     data = runs_root.parent / "train.jsonl"
-    config = tiny_run(tiny_model_dir, data, runs_root / "live", f"train.max_steps={LIVE_STEPS}", "train.eval_every=50",
-                      "train.batch_size=2")
+    config = tiny_run(  # the tiny random Llama here: its steps are quick enough for a few hundred in seconds
+        tiny_model_dir, data, runs_root / "live", f"train.max_steps={LIVE_STEPS}", "train.eval_every=50",
+        "train.batch_size=2")
     failure: list[BaseException] = []
 
     def run():
@@ -166,7 +169,7 @@ def test_blind_review_of_three_prompts_is_kept_on_reload_and_summarised(page, ui
     assert "base (" in page.locator("#summary-table").inner_text()  # un-blinded here
 
 
-def test_playground_answers_from_base_and_tuned_side_by_side(page, ui_url, runs_root, tiny_model_dir):
+def test_playground_answers_from_base_and_tuned_side_by_side(page, ui_url, runs_root):
     from tuneforge.eval.generation import generate_replies
     from tuneforge.model.trained import load_for_inference
 
@@ -181,7 +184,7 @@ def test_playground_answers_from_base_and_tuned_side_by_side(page, ui_url, runs_
     shown = [page.locator(f"#log-{side} .turn.assistant .text").inner_text() for side in ("left", "right")]
     conversation = [{"role": "user", "content": QUESTIONS[0]}]
     expected = [generate_replies(*load_for_inference(source), [conversation], max_new_tokens=10)[0]
-                for source in (str(tiny_model_dir), str(runs_root / "tuned"))]
-    assert [s.strip() for s in shown] == [e.strip() for e in expected]
+                for source in (EMBEDDED, str(runs_root / "tuned"))]
+    assert all(expected) and [s.strip() for s in shown] == expected
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "playground.png"), full_page=True)

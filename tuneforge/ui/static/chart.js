@@ -31,7 +31,9 @@ function lineChart(container, title, series, yLabel = "") {
   let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
   if (x0 === x1) x1 = x0 + 1;
   if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
-  const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
+  const pad = (y1 - y0) * 0.05;
+  y0 = y0 >= 0 ? Math.max(0, y0 - pad) : y0 - pad;  // a learning rate or a norm never gets a negative axis
+  y1 += pad;
   const sx = x => left + (x - x0) / (x1 - x0) * (width - left - right);
   const sy = y => top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom);
   for (let i = 0; i <= 4; i++) {  // horizontal grid with y values

@@ -33,7 +33,8 @@ function fmt(value, digits = 4) {
   if (typeof value !== "number") return String(value);
   if (Number.isInteger(value)) return String(value);
   const abs = Math.abs(value);
-  return abs !== 0 && (abs < 1e-3 || abs >= 1e5) ? value.toExponential(2) : value.toPrecision(digits);
+  if (abs !== 0 && (abs < 1e-3 || abs >= 1e5)) return value.toExponential(2);
+  return String(parseFloat(value.toPrecision(digits)));  // 0.002, not 0.002000
 }
 
 function runLink(name) {

@@ -7,7 +7,7 @@ function render(side) {
   const log = document.getElementById("log-" + side);
   const label = document.getElementById(side).selectedOptions[0];
   log.replaceChildren(el("strong", {}, label ? label.textContent : side),
-    history[side].map(m => el("div", { class: "turn " + m.role }, el("span", { class: "who" }, m.role + ": "),
+    ...history[side].map(m => el("div", { class: "turn " + m.role }, el("span", { class: "who" }, m.role + ": "),
       el("span", { class: "text" }, m.content))));
 }
 
