@@ -16,10 +16,9 @@ from pathlib import Path
 import yaml
 
 from tuneforge.model.trained import read_run_meta
-from tuneforge.train.tracking import read_metrics
+from tuneforge.train.tracking import STATUS_FILE, read_metrics, read_status
 from tuneforge.ui.confine import CONFIG_FILE, run_name
 
-STATUS_FILE = "status.json"
 # A run on another host can't be checked by pid: without an update for this long it is presumed dead.
 REMOTE_STALE_S = 300
 # Deep enough for runs/<group>/<run>; run directories themselves are not searched (checkpoints, reviews live there).
@@ -78,11 +77,11 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
 
 def run_state(run: Path, records: list[dict]) -> dict:
     """{"state": running|finished|failed|stopped|unknown, "detail": why, "step", "total_steps"}."""
-    status = _read_json(run / STATUS_FILE)
+    status = read_status(run)
     start = next((r for r in reversed(records) if r.get("event") in ("start", "resume")), {})
     steps = [r["step"] for r in records if "loss" in r and "step" in r]
     progress = {"step": steps[-1] if steps else 0, "total_steps": start.get("total_steps")}
-    if status:
+    if isinstance(status, dict):
         progress = {"step": status.get("step", progress["step"]),
                     "total_steps": status.get("total_steps", progress["total_steps"])}
         state, detail = status.get("state", "unknown"), status.get("error") or ""
