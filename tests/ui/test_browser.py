@@ -104,6 +104,19 @@ def test_run_page_curve_gains_points_while_the_run_trains(page, ui_url, runs_roo
     page.screenshot(path=str(SCREENSHOTS / "run-page.png"), full_page=True)
 
 
+def test_compare_overlays_the_selected_runs_and_lists_config_differences(page, ui_url):
+    page.goto(ui_url + "/")
+    for name in ("tuned", "live"):
+        page.locator(f'tr[data-run="{name}"] input[type=checkbox]').check()
+    page.click("#compare")
+    page.locator('svg.chart[data-title="train loss"]').wait_for(timeout=WAIT_MS)
+    paths = page.locator('svg.chart[data-title="train loss"] path.series')
+    assert sorted(paths.nth(i).get_attribute("data-name") for i in range(2)) == ["live", "tuned"]
+    assert points(page, "train loss") == LIVE_STEPS + 6
+    differences = page.locator("#differences").inner_text()
+    assert "model" in differences and "train.max_steps" in differences and "output_dir" not in differences
+
+
 def rate(card, first: int, second: int, preferred: str) -> None:
     for criterion in ("relevance", "correctness", "helpfulness", "safety", "format"):
         card.locator(f'select[name="{criterion}-1"]').select_option(str(first))

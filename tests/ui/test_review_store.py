@@ -135,3 +135,18 @@ def test_csv_import_refuses_a_bad_cell_with_row_and_column_and_appends_nothing(t
     with pytest.raises(UserError, match="row 3, column helpfulness_2: expected a whole number from 1 to 5, got ''"):
         import_sheet(sheet)
     assert json.loads((folder / "review.json").read_text())["id"] == review["id"]
+
+
+def test_a_review_left_generating_by_a_stopped_ui_shows_as_interrupted(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tuneforge.ui.app import create_app
+
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    review = ready_review(run)
+    review["state"] = "generating"  # as a UI killed mid-generation leaves it
+    save_review(run, review)
+    client = TestClient(create_app(tmp_path / "runs"), base_url="http://127.0.0.1")
+    shown = client.get("/api/review", params={"run": "run", "review": review["id"]}).json()
+    assert shown["state"] == "failed" and "interrupted" in shown["error"] and shown["items"] == []

@@ -116,3 +116,19 @@ def test_curves_skip_a_torn_line_and_config_differences_list_what_differs(tmp_pa
     differences = config_differences({"a": {"method": "lora", "train": {"lr": 1e-3}, "output_dir": "x"},
                                       "b": {"method": "dora", "train": {"lr": 1e-3, "epochs": 2}, "output_dir": "y"}})
     assert differences == {"method": {"a": "lora", "b": "dora"}, "train.epochs": {"a": None, "b": 2}}
+
+
+def test_changes_need_json_from_the_dashboards_own_origin(runs_root):
+    client = TestClient(create_app(runs_root), base_url=LOCAL)
+    body = '{"run": "one", "A": "base:one", "B": "run:one"}'
+    # A form or a text/plain post from another site needs no CORS preflight: refused before it is read.
+    assert client.post("/api/reviews", content=body, headers={"Content-Type": "text/plain"}).status_code == 403
+    assert client.post("/api/reviews", content=body, headers={"Content-Type": "application/json",
+                                                              "Origin": "http://evil.example"}).status_code == 403
+    same_origin = client.post("/api/reviews", content=body, headers={"Content-Type": "application/json",
+                                                                     "Origin": LOCAL})
+    assert same_origin.status_code == 400 and same_origin.json()["error"] == "run one: has no trained weights yet"
+    bad = client.post("/api/chat", json={"left": {}, "right": {}, "max_new_tokens": "many"})
+    assert bad.status_code == 400 and bad.json()["error"] == "max_new_tokens: expected a number from 1 to 1024, got 'many'"
+    assert client.post("/api/chat", content="{", headers={"Content-Type": "application/json"}).json() == {
+        "error": "the request body is not valid JSON"}

@@ -20,7 +20,8 @@ from fastapi.staticfiles import StaticFiles
 from tuneforge.errors import UserError
 from tuneforge.ui import review_store, runs
 from tuneforge.ui.confine import PathRefused, run_dir
-from tuneforge.ui.playground import GenerationRequest, Playground
+from tuneforge.ui.playground import MAX_NEW_TOKENS, GenerationRequest, Playground
+from tuneforge.ui.review_jobs import is_generating, start_generation
 from tuneforge.ui.review_stats import CRITERIA, latest_per_prompt, summarize
 from tuneforge.ui.security import guard
 
@@ -91,7 +92,7 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
 
     @app.post("/api/reviews")
     async def new_review(request: Request):
-        body = await request.json()
+        body = await _json_body(request)
         path = run_dir(runs_root, str(body.get("run", "")))
         systems = {}
         for system in ("A", "B"):
@@ -100,15 +101,11 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
         if systems["A"]["model"] == systems["B"]["model"]:
             raise UserError("the two systems are the same model: pick two different ones")
         prompts, references, source = _review_prompts(path, body)
-        limit = int(body.get("limit") or DEFAULT_REVIEW_PROMPTS)
-        if not 1 <= limit <= MAX_REVIEW_PROMPTS:
-            raise UserError(f"limit: expected 1 to {MAX_REVIEW_PROMPTS} prompts, got {limit}")
+        limit = _number(body, "limit", DEFAULT_REVIEW_PROMPTS, int, 1, MAX_REVIEW_PROMPTS)
         prompts, references = prompts[:limit], references[:limit]
-        max_new_tokens = int(body.get("max_new_tokens") or 128)
+        max_new_tokens = _number(body, "max_new_tokens", 128, int, 1, MAX_NEW_TOKENS)
         review = review_store.create_review(path, prompts, references, systems, source,
                                             {"max_new_tokens": max_new_tokens, "decoding": "greedy"})
-        from tuneforge.ui.review_jobs import start_generation
-
         start_generation(path, review, max_new_tokens, batch_size=8)
         return {"id": review["id"]}
 
@@ -116,6 +113,8 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
     def show_review(run: str, review: str):
         path = run_dir(runs_root, run)
         shown = review_store.load_review(path, review)
+        if shown["state"] == "generating" and not is_generating(review):  # the UI that generated it stopped
+            shown |= {"state": "failed", "error": "generating the answers was interrupted; start the review again"}
         folder = review_store.review_dir(path, review)
         items = review_store.blind_items(shown, review_store.latest_ratings(folder)) \
             if shown["state"] == "ready" else []
@@ -128,7 +127,7 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
         shown = review_store.load_review(path, review)
         if shown["state"] != "ready":
             raise UserError(f"review {review}: answers are not ready yet")
-        line = review_store.from_positions(shown, await request.json())
+        line = review_store.from_positions(shown, await _json_body(request))
         review_store.append_ratings(review_store.review_dir(path, review), [line])
         return {"saved": line["prompt"]}
 
@@ -149,9 +148,10 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
     async def chat(request: Request):
         """Two conversations (each side keeps its own history), answered at once: {"left": {"model", "messages"},
         "right": {...}, "max_new_tokens", "temperature", "top_p"}."""
-        body = await request.json()
-        settings = {"max_new_tokens": int(body.get("max_new_tokens", 128)),
-                    "temperature": float(body.get("temperature", 0.0)), "top_p": float(body.get("top_p", 1.0))}
+        body = await _json_body(request)
+        settings = {"max_new_tokens": _number(body, "max_new_tokens", 128, int, 1, MAX_NEW_TOKENS),
+                    "temperature": _number(body, "temperature", 0.0, float, 0, 2),
+                    "top_p": _number(body, "top_p", 1.0, float, 0.01, 1)}
         sides = [body.get(side) or {} for side in ("left", "right")]
         models = [model_of(str(side.get("model", ""))) for side in sides]
         answers = await asyncio.gather(*(
@@ -160,6 +160,28 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
         return {"answers": answers, "labels": [label for label, _model in models]}
 
     return app
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UserError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise UserError("the request body must be a JSON object")
+    return body
+
+
+def _number(body: dict, key: str, default, kind: type, low: float, high: float):
+    """body[key] as `kind` within [low, high] (default when absent); a one-line error otherwise."""
+    value = body.get(key, default)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or not low <= number <= high:
+        raise UserError(f"{key}: expected a number from {low} to {high}, got {value!r}")
+    return number
 
 
 def _page(file: Path):

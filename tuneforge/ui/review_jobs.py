@@ -18,9 +18,16 @@ log = logging.getLogger("tuneforge")
 
 # Two reviews generating at once would only halve each one's speed and double the memory.
 _one_at_a_time = threading.Lock()
+# Reviews whose answers this process is generating: one left "generating" by a UI that stopped is not among them.
+_generating: set[str] = set()
+
+
+def is_generating(review_id: str) -> bool:
+    return review_id in _generating
 
 
 def start_generation(run: Path, review: dict, max_new_tokens: int, batch_size: int) -> threading.Thread:
+    _generating.add(review["id"])
     thread = threading.Thread(target=_generate, args=(run, review, max_new_tokens, batch_size),
                               name=f"review-{review['id']}", daemon=True)
     thread.start()
@@ -47,3 +54,4 @@ def _generate(run: Path, review: dict, max_new_tokens: int, batch_size: int) -> 
             log.error("review %s: generation failed:\n%s", review["id"], traceback.format_exc())
             review["state"], review["error"] = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
         save_review(run, review)
+        _generating.discard(review["id"])

@@ -3,12 +3,15 @@
 It reads every run and can load models, so a non-local bind without a token is refused at startup. With a token,
 every request carries it (Authorization: Bearer, X-Tuneforge-Token, or ?token= once, after which a cookie does).
 Without a token the Host header must be a local name: a web page the user visits cannot reach the dashboard by
-pointing its own domain at 127.0.0.1 (DNS rebinding).
+pointing its own domain at 127.0.0.1 (DNS rebinding). Requests that change something (POST) must be JSON and, when
+the browser names an Origin, come from the dashboard's own: another site's form or script cannot post ratings or
+start generation jobs (a JSON content type needs a CORS preflight, which is never granted).
 """
 
 from __future__ import annotations
 
 import hmac
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -43,10 +46,19 @@ def _given_token(request: Request) -> tuple[str, bool]:
     return request.cookies.get(COOKIE, ""), False
 
 
+def _same_origin_json(request: Request) -> bool:
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host", "")
+
+
 def guard(token: str | None):
     """The HTTP middleware enforcing the rules above."""
 
     async def check(request: Request, call_next):
+        if request.method not in ("GET", "HEAD") and not _same_origin_json(request):
+            return JSONResponse({"error": "tuneforge ui: changes must be JSON requests from the dashboard itself"}, 403)
         if token is None:
             if _host_name(request.headers.get("host", "")) not in LOCAL_HOSTS:
                 return PlainTextResponse("tuneforge ui: only local host names are served without --token", 403)
