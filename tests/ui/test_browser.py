@@ -173,8 +173,9 @@ def test_blind_review_of_three_prompts_is_kept_on_reload_and_summarised(page, ui
     expected = summarize(lines)
     for system in ("A", "B"):
         cell = page.locator(f'td[data-criterion="relevance"][data-system="{system}"]')
-        assert float(cell.get_attribute("data-mean")) == pytest.approx(expected["criteria"]["relevance"][system]["mean"])
-        low, high = expected["criteria"]["relevance"][system]["low"], expected["criteria"]["relevance"][system]["high"]
+        want = expected["criteria"]["relevance"][system]
+        assert float(cell.get_attribute("data-mean")) == pytest.approx(want["mean"])
+        low, high = want["low"], want["high"]
         assert f"[{low:.2f}, {high:.2f}]" in cell.inner_text()
         rate_text = page.locator(f'td[data-win-rate="{system}"]').inner_text()
         assert rate_text == f"{100 * expected['win_rate'][system]:.1f}%"

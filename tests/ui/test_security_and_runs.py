@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -129,6 +130,33 @@ def test_changes_need_json_from_the_dashboards_own_origin(runs_root):
                                                                      "Origin": LOCAL})
     assert same_origin.status_code == 400 and same_origin.json()["error"] == "run one: has no trained weights yet"
     bad = client.post("/api/chat", json={"left": {}, "right": {}, "max_new_tokens": "many"})
-    assert bad.status_code == 400 and bad.json()["error"] == "max_new_tokens: expected a number from 1 to 1024, got 'many'"
+    assert bad.status_code == 400
+    assert bad.json()["error"] == "max_new_tokens: expected a number from 1 to 1024, got 'many'"
     assert client.post("/api/chat", content="{", headers={"Content-Type": "application/json"}).json() == {
         "error": "the request body is not valid JSON"}
+
+
+def test_tuneforge_ui_command_serves_with_its_token(runs_root):
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import ROOT, wait_until_serving
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "tuneforge", "ui", "--runs", str(runs_root), "--port",
+                                str(port), "--token", "s3cret"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_serving(process, port, lambda: process.stdout.read(), timeout=60)
+        url = f"http://127.0.0.1:{port}/api/runs"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        request = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert [run["name"] for run in json.load(answer)] == ["one"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from tuneforge.errors import UserError
+from tuneforge.model.trained import read_run_meta
 from tuneforge.ui import review_store, runs
 from tuneforge.ui.confine import PathRefused, run_dir
 from tuneforge.ui.playground import MAX_NEW_TOKENS, GenerationRequest, Playground
@@ -49,6 +50,10 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
     async def user_error(_request, exc: UserError):
         return JSONResponse({"error": str(exc)}, 400)
 
+    @app.get("/health", include_in_schema=False)
+    def health():  # needs no token (security.py): tells scripts the server is up, and nothing else
+        return {"status": "ok"}
+
     for route, page in PAGES.items():
         app.get(route, include_in_schema=False)(_page(STATIC / page))
 
@@ -60,7 +65,7 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
             base = runs.base_model(path, runs.read_config(path))
             return f"base ({base})", base
         if kind == "run":
-            if not runs.run_summary(runs_root, path)["has_weights"]:
+            if read_run_meta(path) is None:
                 raise UserError(f"run {name}: has no trained weights yet")
             return f"run {name}", path
         raise UserError(f"model {spec!r}: expected base:<run> or run:<run>")

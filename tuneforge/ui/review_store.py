@@ -18,7 +18,7 @@ from pathlib import Path
 from tuneforge.data.atomic_write import atomic_text_writer
 from tuneforge.errors import UserError
 from tuneforge.ui.confine import child_name
-from tuneforge.ui.review_stats import CRITERIA, PREFERENCES, SYSTEMS
+from tuneforge.ui.review_stats import CRITERIA, SYSTEMS
 
 REVIEWS_DIR = "reviews"
 REVIEW_FILE = "review.json"

@@ -59,6 +59,8 @@ def guard(token: str | None):
     async def check(request: Request, call_next):
         if request.method not in ("GET", "HEAD") and not _same_origin_json(request):
             return JSONResponse({"error": "tuneforge ui: changes must be JSON requests from the dashboard itself"}, 403)
+        if token is not None and request.url.path == "/health":  # says only "up": scripts wait on it
+            return await call_next(request)
         if token is None:
             if _host_name(request.headers.get("host", "")) not in LOCAL_HOSTS:
                 return PlainTextResponse("tuneforge ui: only local host names are served without --token", 403)
