@@ -6,22 +6,27 @@ own generation). Screenshots of the run, review and playground pages go to docs/
 from __future__ import annotations
 
 import json
-import threading
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import EMBEDDED, write_jsonl
+from tests.conftest import EMBEDDED, ROOT, write_jsonl
 from tests.ui.conftest import serve_in_thread
 from tuneforge.config import load_config
 from tuneforge.train.loop import train
+from tuneforge.train.tracking import read_metrics
 from tuneforge.ui.app import create_app
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 QUESTIONS = ["Repeat the number 3.", "Repeat the number 5.", "Repeat the number 1."]
 WAIT_MS = 60_000
-LIVE_STEPS = 300  # a few seconds of tiny-model training, so the page sees the curve grow over several polls
+LOSS_POINTS = "document.querySelector('svg.chart[data-title=\"loss\"]').dataset.points"
+TRAIN_LOSS_POINTS = "document.querySelector('path[data-name=\"train loss\"]').dataset.points"
 
 
 def tiny_run(tiny_model_dir, data_file, out: Path, *extra: str):
@@ -63,48 +68,45 @@ def test_runs_list_shows_each_run_with_status_method_and_settings(page, ui_url):
 
 
 def test_run_page_curve_gains_points_while_the_run_trains(page, ui_url, runs_root, tiny_model_dir):
-    data = runs_root.parent / "train.jsonl"
-    config = tiny_run(  # the tiny random Llama here: its steps are quick enough for a few hundred in seconds
-        tiny_model_dir, data, runs_root / "live", f"train.max_steps={LIVE_STEPS}", "train.eval_every=50",
-        "train.batch_size=2")
-    failure: list[BaseException] = []
+    """A real `tuneforge train` of the tiny random Llama, long enough never to end by itself: the page must show it
+    running and its curve growing, then (after SIGTERM: checkpoint and exit 75) stopped, with every logged step."""
+    run_file = runs_root.parent / "live.yaml"
+    run_file.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "output_dir": str(runs_root / "live"),
+        "data": {"train": str(runs_root.parent / "train.jsonl"), "val_split": 0.125},
+        "train": {"max_steps": 100_000, "batch_size": 2, "lr": 3e-3, "log_every": 1, "eval_every": 50,
+                  "warmup_ratio": 0.002}}))  # warmup over the first 200 steps: a learning rate curve that shows
+    trainer = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(run_file), "--quiet"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = runs_root / "live" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and '"loss"' in metrics.read_text()):
+            assert time.monotonic() < deadline and trainer.poll() is None, trainer.stdout.read()
+            time.sleep(0.05)
 
-    def run():
-        try:
-            train(config, show_progress=False)
-        except BaseException as exc:  # shown by the assertion below, not lost in the thread
-            failure.append(exc)
+        page.goto(ui_url + "/run?run=live")
+        page.locator('svg.chart[data-title="loss"]').wait_for(timeout=WAIT_MS)
+        seen = [points(page, "loss")]
+        assert page.locator(".badge").first.inner_text() == "running"
+        for _ in range(2):  # two later redraws, each with more points: the page polls while metrics.jsonl grows
+            page.wait_for_function(f"{LOSS_POINTS} > {seen[-1]}", timeout=WAIT_MS)
+            seen.append(points(page, "loss"))
+        assert seen[0] < seen[1] < seen[2]
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "run-page.png"), full_page=True)
+    finally:
+        trainer.send_signal(signal.SIGTERM)  # the trainer's own stop: finish the step, checkpoint, exit 75
+        output = trainer.communicate(timeout=120)[0]
+    assert trainer.returncode == 75, output
 
-    trainer = threading.Thread(target=run, daemon=True)
-    trainer.start()
-    metrics = runs_root / "live" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and '"loss"' in metrics.read_text()):
-        assert time.monotonic() < deadline and not failure, failure
-        time.sleep(0.05)
-
-    page.goto(ui_url + "/run?run=live")
-    page.locator('svg.chart[data-title="loss"]').wait_for(timeout=WAIT_MS)
-    seen = [points(page, "loss")]
-    assert page.locator(".badge").first.inner_text() == "running"
-    # Two later redraws, each with more points: the page polls while metrics.jsonl grows.
-    for _ in range(2):
-        page.wait_for_function(f"document.querySelector('svg.chart[data-title=\"loss\"]').dataset.points > {seen[-1]}",
-                               timeout=WAIT_MS)
-        seen.append(points(page, "loss"))
-    trainer.join(timeout=300)
-    assert not failure, failure
-    page.locator(".badge.finished").wait_for(timeout=WAIT_MS)
-    train_loss = "document.querySelector('path[data-name=\"train loss\"]').dataset.points"
-    page.wait_for_function(f"{train_loss} == {LIVE_STEPS}", timeout=WAIT_MS)  # every step, once finished
-    assert seen[0] < seen[1] < seen[2]
-    assert points(page, "learning rate") == LIVE_STEPS == points(page, "tokens/s") == points(page, "grad norm")
-    assert points(page, "loss") == LIVE_STEPS + LIVE_STEPS // 50  # train loss and a val loss every 50 steps
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "run-page.png"), full_page=True)
+    page.locator(".badge.stopped").wait_for(timeout=WAIT_MS)
+    steps = len([r for r in read_metrics(runs_root / "live") if "loss" in r])
+    page.wait_for_function(f"{TRAIN_LOSS_POINTS} == {steps}", timeout=WAIT_MS)  # every logged step, none lost
+    assert points(page, "learning rate") == steps == points(page, "tokens/s") == points(page, "grad norm")
 
 
-def test_compare_overlays_the_selected_runs_and_lists_config_differences(page, ui_url):
+def test_compare_overlays_the_selected_runs_and_lists_config_differences(page, ui_url, runs_root):
     page.goto(ui_url + "/")
     for name in ("tuned", "live"):
         page.locator(f'tr[data-run="{name}"] input[type=checkbox]').check()
@@ -112,7 +114,7 @@ def test_compare_overlays_the_selected_runs_and_lists_config_differences(page, u
     page.locator('svg.chart[data-title="train loss"]').wait_for(timeout=WAIT_MS)
     paths = page.locator('svg.chart[data-title="train loss"] path.series')
     assert sorted(paths.nth(i).get_attribute("data-name") for i in range(2)) == ["live", "tuned"]
-    assert points(page, "train loss") == LIVE_STEPS + 6
+    assert points(page, "train loss") == len([r for r in read_metrics(runs_root / "live") if "loss" in r]) + 6
     differences = page.locator("#differences").inner_text()
     assert "model" in differences and "train.max_steps" in differences and "output_dir" not in differences
 

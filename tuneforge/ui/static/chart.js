@@ -6,7 +6,7 @@ const PALETTE = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989
 
 // series: [{name, points: [[x, y], ...], color?, dots?}]
 function lineChart(container, title, series, yLabel = "") {
-  const width = 460, height = 240, left = 58, right = 12, top = 26, bottom = 34;
+  const width = 460, height = 240, left = 64, right = 12, top = 26, bottom = 34;
   const all = series.flatMap(s => s.points);
   const svgNS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(svgNS, "svg");
@@ -36,10 +36,13 @@ function lineChart(container, title, series, yLabel = "") {
   y1 += pad;
   const sx = x => left + (x - x0) / (x1 - x0) * (width - left - right);
   const sy = y => top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom);
+  // Enough significant digits that neighbouring ticks differ (a learning rate moves in its 4th digit).
+  const magnitude = Math.max(Math.abs(y0), Math.abs(y1));
+  const tickDigits = Math.min(6, Math.max(3, Math.ceil(Math.log10(magnitude / ((y1 - y0) / 4))) + 1));
   for (let i = 0; i <= 4; i++) {  // horizontal grid with y values
     const y = y0 + (y1 - y0) * i / 4;
     add("line", { x1: left, x2: width - right, y1: sy(y), y2: sy(y), class: "grid" });
-    add("text", { x: left - 4, y: sy(y) + 4, "text-anchor": "end", class: "tick" }, fmt(y, 3));
+    add("text", { x: left - 4, y: sy(y) + 4, "text-anchor": "end", class: "tick" }, fmt(y, tickDigits));
   }
   add("text", { x: left, y: height - 8, class: "tick" }, fmt(x0));
   add("text", { x: width - right, y: height - 8, "text-anchor": "end", class: "tick" }, fmt(x1));
