@@ -168,6 +168,20 @@ def test_activations_grow_with_tokens_and_shrink_with_checkpointing():
     assert ckpt.component("activations") < large.component("activations") / 4
 
 
+def test_cpu_estimate_counts_glibc_heap_retention_of_the_activation_volume():
+    # The same share of the activation volume with or without checkpointing (recomputed activations churn the heap
+    # alike); on CUDA PyTorch's caching allocator is covered by the overhead line instead.
+    from tuneforge.plan.memory import HEAP_RETENTION
+
+    for checkpointing in (False, True):
+        cpu = estimate_memory(MemorySpec(model="smollm2-135m", example_lengths=(256,) * 4,
+                                         gradient_checkpointing=checkpointing))
+        assert cpu.component("allocator retention") == int(HEAP_RETENTION * cpu.activations.total)
+        assert cpu.forward_peak >= cpu.component("allocator retention") + cpu.component("activations")
+    gpu = estimate_memory(MemorySpec(model="smollm2-135m", example_lengths=(256,) * 4, device="cuda"))
+    assert gpu.component("allocator retention") == 0
+
+
 def test_8bit_optimizer_states_are_a_quarter():
     full = MemorySpec(model="smollm2-135m", method="full", example_lengths=(16,))
     adam = estimate_memory(full).component("optimizer states")

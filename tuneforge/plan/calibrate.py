@@ -32,11 +32,6 @@ def status(field):
     text = open("/proc/self/status").read()
     return int(re.search(field + r":\s+(\d+) kB", text).group(1)) * 1024
 
-from tuneforge.plan.allocator import steady_malloc
-# RSS then follows the live tensors the estimate counts. `tuneforge train` does NOT do this: measured, pinning the
-# threshold made LoRA steps on the embedded model ~3x slower (42 s vs 11-14 s a step, shared 2-core CPU), so with
-# glibc's default allocator a run's RSS can exceed the estimate (LoRA 4 x 280 tokens: 7.1 GiB vs 5.4 estimated).
-steady_malloc()
 cfg = load_config(sys.argv[1])
 cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
 if cuda:
