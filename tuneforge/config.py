@@ -215,6 +215,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def dotted_items(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 0.0002, ...}: a nested config mapping as dotted keys, the form overrides use."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted_items(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Loading: YAML + dotted overrides -> nested dict -> typed, validated RunConfig.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import EMBEDDED, ROOT, wait_until_serving, write_jsonl
+from tests.conftest import EMBEDDED, ROOT, free_port, wait_until_serving, write_jsonl
 from tests.unit.test_export_gguf import (LLAMA_CPP_RUNNER, assert_llama_cpp_matches, llama_cpp_greedy,
                                          needs_llama_cpp, transformers_greedy)
 
@@ -162,9 +161,7 @@ def test_llama_cpp_answers_as_the_merged_model(gguf_f32, merged, greedy, prompts
 def served(demo_run, tmp_path_factory):
     """`tuneforge serve` in its own process: the embedded base with the run as adapter "demo"."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with log.open("w") as out:  # a file, not a pipe: a pipe nobody reads would block the server once full
         process = subprocess.Popen(
             [sys.executable, "-m", "tuneforge", "serve", "--model", EMBEDDED, "--adapter", f"demo={demo_run}",

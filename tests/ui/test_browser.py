@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import EMBEDDED, ROOT, write_jsonl
-from tests.ui.conftest import serve_in_thread
+from tests.conftest import serve_in_thread
 from tuneforge.config import load_config
 from tuneforge.train.loop import train
 from tuneforge.train.tracking import read_metrics

@@ -140,11 +140,9 @@ def test_tuneforge_ui_command_serves_with_its_token(runs_root):
     import urllib.error
     import urllib.request
 
-    from tests.conftest import ROOT, wait_until_serving
+    from tests.conftest import ROOT, free_port, wait_until_serving
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "tuneforge", "ui", "--runs", str(runs_root), "--port",
                                 str(port), "--token", "s3cret"], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

@@ -8,7 +8,6 @@ HTTP, with the official `openai` client against uvicorn on a free local port.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, wait_until_serving
+from tests.conftest import run_cli, serve_in_thread, wait_until_serving
 from tests.unit.test_merge import make_lora_run
 
 KEY = "test-secret"
@@ -55,23 +54,11 @@ def client(server):
 @pytest.fixture(scope="module")
 def live_url(server):
     """The same server over real HTTP: uvicorn on a free localhost port, in a thread of this process."""
-    import uvicorn
-
     from tuneforge.deploy.server import build_app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    uv.should_exit = True
-    thread.join(timeout=10)
+    url, stop = serve_in_thread(build_app(server))
+    yield f"{url}/v1"
+    stop()
 
 
 def openai_client(url: str, key: str = KEY):
@@ -448,11 +435,9 @@ def test_serve_command_runs_a_server_the_openai_client_can_use(tiny_model_dir, r
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tuneforge", "serve", "--model", str(tiny_model_dir), "--adapter",
          f"alpha={runs['alpha']}", "--port", str(port), "--api-key", KEY, "--max-tokens-limit", "16"],

@@ -16,6 +16,7 @@ import secrets
 import time
 from pathlib import Path
 
+from tuneforge.config import dotted_items
 from tuneforge.errors import ConfigError
 
 log = logging.getLogger("tuneforge")
@@ -52,14 +53,9 @@ def numeric_fields(record: dict) -> dict[str, float]:
     return out
 
 
-def flat_config(tree: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return out
+def flat_config(tree: dict) -> dict[str, str]:
+    """Dotted keys with text values: what TensorBoard's text panel and MLflow's parameters take."""
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in dotted_items(tree).items()}
 
 
 class TensorBoardTracker:

@@ -111,7 +111,12 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every JSON line of an append-only log, in order; [] when there is none. A line cut short by a kill is skipped:
+    the lines before it were written whole."""
     if not path.is_file():
         return []
     records = []
@@ -119,7 +124,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+            continue
     return records
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tuneforge.data.atomic_write import atomic_text_writer
 from tuneforge.errors import UserError
+from tuneforge.train.tracking import read_jsonl
 from tuneforge.ui.confine import child_name
 from tuneforge.ui.review_stats import CRITERIA, SYSTEMS
 
@@ -89,16 +90,7 @@ def append_ratings(folder: Path, lines: list[dict]) -> None:
 
 def read_ratings(folder: Path) -> list[dict]:
     """All rating lines in file order; a line cut short by a crash is skipped."""
-    path = folder / RATINGS_FILE
-    if not path.is_file():
-        return []
-    lines = []
-    for text in path.read_text(encoding="utf-8").splitlines():
-        try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError:
-            continue
-    return lines
+    return read_jsonl(folder / RATINGS_FILE)
 
 
 def latest_ratings(folder: Path) -> dict[int, dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from tuneforge.config import dotted_items
 from tuneforge.model.trained import read_run_meta
 from tuneforge.train.tracking import STATUS_FILE, read_metrics, read_status
 from tuneforge.ui.confine import CONFIG_FILE, run_name
@@ -62,17 +63,6 @@ def read_config(run: Path) -> dict:
     except (OSError, yaml.YAMLError):
         return {}
     return loaded if isinstance(loaded, dict) else {}
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    """{"train.lr": 0.0002, ...}: nested config sections as dotted keys, the form users override them in."""
-    flat: dict[str, object] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def run_state(run: Path, records: list[dict]) -> dict:
@@ -135,7 +125,7 @@ def base_model(run: Path, config: dict) -> str:
 def run_summary(runs_root: Path, run: Path) -> dict:
     """One row of the runs table."""
     config = read_config(run)
-    flat = flatten(config)
+    flat = dotted_items(config)
     records = read_metrics(run)
     method = str(config.get("method") or "")
     val_losses = [r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))]
@@ -170,7 +160,7 @@ def run_curves(run: Path) -> dict[str, list[list[float]]]:
 
 def config_differences(configs: dict[str, dict]) -> dict[str, dict[str, object]]:
     """{dotted key: {run: value}} for the keys whose values are not the same in every run (missing counts)."""
-    flat = {name: flatten(config) for name, config in configs.items()}
+    flat = {name: dotted_items(config) for name, config in configs.items()}
     # output_dir always differs and says nothing about how the runs were trained.
     keys = sorted({key for values in flat.values() for key in values} - {"output_dir"})
     differing = {}
