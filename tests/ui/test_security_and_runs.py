@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import run_cli
 from tuneforge.ui.app import create_app
-from tuneforge.ui.runs import config_differences, find_runs, run_curves, run_state
+from tuneforge.ui.runs import config_differences, find_runs, run_curves, run_state, run_summary
 
 LOCAL = "http://127.0.0.1"
 
@@ -95,12 +95,25 @@ def test_state_from_status_json_and_from_metrics(tmp_path):
     old_finished = make_run(tmp_path, "old", metrics=[{"event": "end", "step": 4}])
     old_unknown = make_run(tmp_path, "old2", metrics=[{"step": 1, "loss": 1.0}])
     assert run_state(alive, [])["state"] == "running" and run_state(alive, [])["total_steps"] == 9
+    # status.json moves at checkpoints only: the progress shown follows metrics.jsonl's newer steps
+    assert run_state(alive, [{"step": 5, "loss": 1.0}])["step"] == 5
     assert run_state(crashed, []) == {"state": "failed", "detail": "process ended without finishing", "step": 3,
                                       "total_steps": 9}
     assert run_state(remote_stale, [])["state"] == "failed"
     assert run_state(failed, [])["detail"] == "CUDA OOM"
     assert run_state(old_finished, [{"event": "end", "step": 4}])["state"] == "finished"
     assert run_state(old_unknown, [{"step": 1, "loss": 1.0}])["state"] == "unknown"
+
+
+def test_runs_list_shows_the_runs_own_eval_scores(tmp_path):
+    # `tuneforge eval RUN --compare BASE --out RUN/eval` (what `make demo` does) keeps its summary in the run.
+    run = make_run(tmp_path / "runs", "demo", metrics=[{"event": "end", "step": 1}])
+    (run / "eval").mkdir()
+    (run / "eval" / "summary.json").write_text(json.dumps({"models": {
+        "tuned": {"name": "runs/demo", "scores": {"exact_match": 0.85, "bleu": 97.1}},
+        "base": {"name": "smollm2", "scores": {"exact_match": 0.0, "bleu": 1.5}}}, "settings": {}}))
+    row = run_summary(tmp_path / "runs", run)
+    assert row["eval"] == {"exact_match": 0.85, "bleu": 97.1}
 
 
 def test_curves_skip_a_torn_line_and_config_differences_list_what_differs(tmp_path):

@@ -72,7 +72,8 @@ def run_state(run: Path, records: list[dict]) -> dict:
     steps = [r["step"] for r in records if "loss" in r and "step" in r]
     progress = {"step": steps[-1] if steps else 0, "total_steps": start.get("total_steps")}
     if isinstance(status, dict):
-        progress = {"step": status.get("step", progress["step"]),
+        # status.json's step moves at checkpoints only; metrics.jsonl has every logged step.
+        progress = {"step": max(progress["step"], status.get("step") or 0),
                     "total_steps": status.get("total_steps", progress["total_steps"])}
         state, detail = status.get("state", "unknown"), status.get("error") or ""
         if state == "running" and not _still_running(status):
