@@ -40,6 +40,7 @@ from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
 from tuneforge.train.forward import AnswerTokenLossSum, causal_lm_of
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
+from tuneforge.train.selection import Evaluation, judge
 from tuneforge.train.signals import StopRequests
 from tuneforge.train.trackers import check_available, start_trackers
 from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses, read_status, truncate_metrics, write_status
@@ -192,7 +193,7 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                  "method": cfg.method, "processes": world.size, "distributed": world.mode,
                  **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {})})
 
-    def validate() -> tuple[float, dict[str, float], float]:
+    def validate() -> Evaluation:
         """Validation loss (overall and per source), the generation metric if asked for, and the score that "best"
         follows (lower is better)."""
         overall, by_source = validation_by_source(model, data.val, t.batch_size, cfg.data.packing, pad_id, device,
@@ -214,7 +215,7 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                 score = -value
         tracker.log(record)
         tracker.message(f"step {state.step}: val_loss {overall:.4f}{shown}")
-        return overall, by_source, score
+        return Evaluation(state.step, overall, by_source, score)
 
     guard = t.guard.source
     if guard and not any(ex.origin == guard for ex in data.val):
@@ -222,8 +223,9 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     keep_best = bool(t.early_stopping_patience or guard)
     if guard and state.guard_baseline is None:
         # The forgetting guard measures against the model before any update; that model is also the fallback "best".
-        state.best_val, by_source, state.best_score = validate()
-        state.guard_baseline = by_source[guard]
+        baseline = validate()
+        state.best_val, state.best_score = baseline.val_loss, baseline.score
+        state.guard_baseline = baseline.by_source[guard]
         best_state = distributed.gather_trainable(world, model, loss_module)
 
     def checkpoint() -> Path:
@@ -299,27 +301,16 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                             f"{ckpt.latest_checkpoint(run_dir) or 'none'}")
 
                 if data.val and (state.step == total_steps or (t.eval_every and state.step % t.eval_every == 0)):
-                    state.val_loss, by_source, score = validate()
-                    limit = state.guard_baseline * (1 + t.guard.max_increase) if guard else math.inf
-                    if guard and by_source[guard] > limit:
-                        tracker.message(f"forgetting guard at step {state.step}: {guard} validation loss "
-                                        f"{by_source[guard]:.4f} is more than {t.guard.max_increase:.0%} above its "
-                                        f"step-0 value {state.guard_baseline:.4f}; stopping with the best weights "
-                                        f"that stayed within it")
-                        tracker.log({"step": state.step, "guard_stop": guard, "guard_loss": by_source[guard],
-                                     "guard_limit": limit})
+                    evaluation = validate()
+                    state.val_loss = evaluation.val_loss
+                    verdict = judge(state, evaluation, t)
+                    if verdict.record:
+                        tracker.log(verdict.record)
+                    if verdict.stop_message:
+                        tracker.message(verdict.stop_message)
                         stopped_early = True
-                    elif state.best_score is None or score < state.best_score:
-                        state.best_val, state.best_score, state.evals_without_gain = state.val_loss, score, 0
-                        if keep_best:
-                            best_state = distributed.gather_trainable(world, model, loss_module)
-                    else:
-                        state.evals_without_gain += 1
-                        if t.early_stopping_patience and state.evals_without_gain >= t.early_stopping_patience:
-                            tracker.message(f"early stopping at step {state.step}: no {t.early_stopping_metric} "
-                                            f"improvement in "
-                                            f"{state.evals_without_gain} evaluations; keeping the best weights")
-                            stopped_early = True
+                    if verdict.improved and keep_best:
+                        best_state = distributed.gather_trainable(world, model, loss_module)
                 save_due = state.step == total_steps or (t.save_every and state.step % t.save_every == 0)
                 if save_due or stopped_early or stop_requested:
                     saved = checkpoint()
