@@ -44,4 +44,3 @@ def judge(state, evaluation: Evaluation, train) -> Verdict:
         return Verdict(False, f"early stopping at step {evaluation.step}: no {train.early_stopping_metric} improvement "
                               f"in {state.evals_without_gain} evaluations; keeping the best weights")
     return Verdict(False)
-

@@ -50,8 +50,8 @@ class Tracker:
                 fh.write(json.dumps(record) + "\n")
         except OSError as exc:
             raise OutputWriteError(f"cannot append to {self.path}: {exc.strerror or exc}") from None
-        metrics = numeric_fields(record)
-        if "step" in record and metrics and "event" not in record:
+        metrics = numeric_fields(record) if self.trackers and "event" not in record else {}
+        if "step" in record and metrics:
             for tracker in self.trackers:
                 tracker.log(record["step"], metrics)
 
@@ -93,10 +93,16 @@ def write_status(run_dir: Path, state: str, new_attempt: bool = False, **fields)
 
 
 def read_status(run_dir: Path) -> dict | None:
+    return read_json_object(Path(run_dir) / STATUS_FILE)
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object file written by another process, or None when it is missing, unreadable or not an object."""
     try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:

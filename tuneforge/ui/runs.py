@@ -17,7 +17,7 @@ import yaml
 
 from tuneforge.config import dotted_items
 from tuneforge.model.trained import read_run_meta
-from tuneforge.train.tracking import STATUS_FILE, read_metrics, read_status
+from tuneforge.train.tracking import STATUS_FILE, read_json_object, read_metrics, read_status
 from tuneforge.ui.confine import CONFIG_FILE, run_name
 
 # A run on another host can't be checked by pid: without an update for this long it is presumed dead.
@@ -71,7 +71,7 @@ def run_state(run: Path, records: list[dict]) -> dict:
     start = next((r for r in reversed(records) if r.get("event") in ("start", "resume")), {})
     steps = [r["step"] for r in records if "loss" in r and "step" in r]
     progress = {"step": steps[-1] if steps else 0, "total_steps": start.get("total_steps")}
-    if isinstance(status, dict):
+    if status is not None:
         # status.json's step moves at checkpoints only; metrics.jsonl has every logged step.
         progress = {"step": max(progress["step"], status.get("step") or 0),
                     "total_steps": status.get("total_steps", progress["total_steps"])}
@@ -98,19 +98,11 @@ def _still_running(status: dict) -> bool:
     return True
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
 def eval_scores(run: Path) -> dict[str, float]:
     """Scores of the run itself from `tuneforge eval RUN --out <run>/<dir>` reports kept inside the run directory."""
     scores: dict[str, float] = {}
     for summary_file in sorted(run.glob("*/summary.json")):
-        models = _read_json(summary_file).get("models", {})
+        models = (read_json_object(summary_file) or {}).get("models", {})
         own = models.get("tuned") or models.get("model") or {}
         for metric, value in (own.get("scores") or {}).items():
             if isinstance(value, (int, float)):
