@@ -19,7 +19,7 @@ from tuneforge.data.atomic_write import atomic_text_writer
 from tuneforge.errors import UserError
 from tuneforge.train.tracking import read_jsonl
 from tuneforge.ui.confine import child_name
-from tuneforge.ui.review_stats import CRITERIA, SYSTEMS
+from tuneforge.ui.review_stats import CRITERIA, SYSTEMS, latest_per_prompt
 
 REVIEWS_DIR = "reviews"
 REVIEW_FILE = "review.json"
@@ -94,8 +94,6 @@ def read_ratings(folder: Path) -> list[dict]:
 
 
 def latest_ratings(folder: Path) -> dict[int, dict]:
-    from tuneforge.ui.review_stats import latest_per_prompt
-
     return latest_per_prompt(read_ratings(folder))
 
 
