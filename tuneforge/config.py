@@ -19,13 +19,25 @@ from typing import Any, Literal, Union
 import yaml
 
 from tuneforge.errors import ConfigError
+from tuneforge.method_registry import METHOD_NAMES, method_help, method_named
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 
-def _f(default: Any, help: str, *, min: float | None = None, max: float | None = None, min_exclusive: bool = False):
-    """A schema field: default, help text and an optional numeric range (checked by `_check_value`)."""
-    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+# What a key does to a resumed run (`--resume`), one mark per key, checked against the checkpoint's config:
+# MUST_MATCH keys decide the weights' shapes, the model's function or the data stream (which rows, in what order,
+# tokenized how), so a resume with another value would silently continue a different run and is refused;
+# MAY_CHANGE keys (how long, how often to evaluate or save, the optimizer's future) can change, and the change is
+# logged.
+MUST_MATCH, MAY_CHANGE = "must_match", "may_change"
+
+
+def _f(default: Any, help: str, *, resume: str, min: float | None = None, max: float | None = None,
+       min_exclusive: bool = False):
+    """A schema field: default, help text, its resume mark and an optional numeric range (checked by
+    `_check_value`)."""
+    assert resume in (MUST_MATCH, MAY_CHANGE), resume  # a schema bug, caught at import
+    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "resume": resume}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -33,176 +45,202 @@ def _f(default: Any, help: str, *, min: float | None = None, max: float | None =
 
 @dataclass
 class LoraSettings:
-    r: int = _f(16, "LoRA rank: size of the low-rank update.", min=1)
-    alpha: float = _f(32.0, "LoRA scaling numerator; the update is scaled by alpha / r.", min=0, min_exclusive=True)
-    dropout: float = _f(0.05, "Dropout on the LoRA input during training.", min=0, max=0.99)
+    r: int = _f(16, "LoRA rank: size of the low-rank update.", min=1, resume=MUST_MATCH)
+    alpha: float = _f(32.0, "LoRA scaling numerator; the update is scaled by alpha / r.", min=0, min_exclusive=True,
+        resume=MUST_MATCH)
+    dropout: float = _f(0.05, "Dropout on the LoRA input during training.", min=0, max=0.99, resume=MUST_MATCH)
     target_modules: Union[str, list[str]] = _f(
-        "all-linear", "Modules that get LoRA: 'all-linear' or a list of module names such as [q_proj, v_proj]."
-    )
+        "all-linear", "Modules that get LoRA: 'all-linear' or a list of module names such as [q_proj, v_proj].",
+        resume=MUST_MATCH)
 
 
 @dataclass
 class QloraSettings:
-    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of the frozen base weights (QLoRA: NormalFloat4).")
-    double_quant: bool = _f(True, "Also quantize the per-block scales (saves ~0.4 bit per weight).")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of the frozen base weights (QLoRA: NormalFloat4).",
+        resume=MUST_MATCH)
+    double_quant: bool = _f(True, "Also quantize the per-block scales (saves ~0.4 bit per weight).", resume=MUST_MATCH)
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "Precision the 4-bit weights are dequantized to for matmuls; 'auto' = bfloat16 on CUDA with bf16, "
-        "else float32."
-    )
+        "else float32.", resume=MUST_MATCH)
 
 
 @dataclass
 class AdapterSettings:
-    reduction_factor: int = _f(16, "Bottleneck adapter size as hidden_size / reduction_factor.", min=1)
-    bottleneck_dim: Union[int, None] = _f(None, "Bottleneck size in units; when set, overrides reduction_factor.", min=1)
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = _f("relu", "Activation between down- and up-projection.")
+    reduction_factor: int = _f(16, "Bottleneck adapter size as hidden_size / reduction_factor.", min=1,
+        resume=MUST_MATCH)
+    bottleneck_dim: Union[int, None] = _f(None, "Bottleneck size in units; when set, overrides reduction_factor.", min=1,
+        resume=MUST_MATCH)
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = _f("relu", "Activation between down- and up-projection.",
+        resume=MUST_MATCH)
     placement: Literal["both", "attention", "mlp"] = _f(
-        "both", "Where adapters go in each decoder layer: after the attention block, after the MLP block, or both."
-    )
+        "both", "Where adapters go in each decoder layer: after the attention block, after the MLP block, or both.",
+        resume=MUST_MATCH)
 
 
 @dataclass
 class PrefixSettings:
-    num_virtual_tokens: int = _f(20, "Learned key/value prefix length, per layer (prefix tuning).", min=1)
+    num_virtual_tokens: int = _f(20, "Learned key/value prefix length, per layer (prefix tuning).", min=1,
+        resume=MUST_MATCH)
 
 
 @dataclass
 class PromptSettings:
-    num_virtual_tokens: int = _f(20, "Learned soft-prompt length in embeddings (prompt tuning).", min=1)
+    num_virtual_tokens: int = _f(20, "Learned soft-prompt length in embeddings (prompt tuning).", min=1,
+        resume=MUST_MATCH)
     init: Literal["vocab", "random", "text"] = _f(
         "vocab", "Soft-prompt start: embeddings of random vocabulary tokens ('vocab'), N(0, 1) noise ('random') or "
-        "the embeddings of init_text ('text')."
-    )
-    init_text: Union[str, None] = _f(None, "Text whose token embeddings start the soft prompt (with init: text).")
+        "the embeddings of init_text ('text').", resume=MUST_MATCH)
+    init_text: Union[str, None] = _f(None, "Text whose token embeddings start the soft prompt (with init: text).",
+        resume=MUST_MATCH)
 
 
 @dataclass
 class DataSource:
     """One of several training (or validation) sources: `data.train: [{path: a.jsonl, weight: 0.8}, ...]`."""
 
-    path: Union[str, None] = _f(None, "The source's file (JSONL/JSON/CSV/Parquet or a saved `datasets` directory).")
-    name: Union[str, None] = _f(None, "Name in logs, per-source losses and train.guard (default: the file's stem).")
+    path: Union[str, None] = _f(None, "The source's file (JSONL/JSON/CSV/Parquet or a saved `datasets` directory).",
+        resume=MUST_MATCH)
+    name: Union[str, None] = _f(None, "Name in logs, per-source losses and train.guard (default: the file's stem).",
+        resume=MUST_MATCH)
     weight: Union[float, None] = _f(
         None, "Share of each epoch's examples drawn from this source (weights are normalised; an epoch has as many "
-        "examples as all sources together). Give every source a weight, or none.", min=0, min_exclusive=True)
+        "examples as all sources together). Give every source a weight, or none.", min=0, min_exclusive=True,
+            resume=MUST_MATCH)
     epochs: Union[float, None] = _f(
         None, "Passes over this source per training epoch (e.g. 0.5: a fresh half each epoch, 2: twice); default 1.",
-        min=0, min_exclusive=True)
-    max_rows: Union[int, None] = _f(None, "Use at most this many rows of the source (a seeded sample).", min=1)
+        min=0, min_exclusive=True, resume=MUST_MATCH)
+    max_rows: Union[int, None] = _f(None, "Use at most this many rows of the source (a seeded sample).", min=1,
+        resume=MUST_MATCH)
     format: Literal["auto", "instruction", "chat", "sharegpt", "completion", "default"] = _f(
-        "default", "Row format of this source; 'default' = data.format.")
+        "default", "Row format of this source; 'default' = data.format.", resume=MUST_MATCH)
 
 
 @dataclass
 class DataSettings:
     train: Union[str, list[DataSource], None] = _f(
         None, "Training data: a JSONL/JSON/CSV/Parquet file or a saved `datasets` directory, or a list of sources "
-        "{path, name, weight | epochs, max_rows, format} mixed by weight (see the README's 'Data mixing').")
+        "{path, name, weight | epochs, max_rows, format} mixed by weight (see the README's 'Data mixing').",
+            resume=MUST_MATCH)
     val: Union[str, list[DataSource], None] = _f(
         None, "Validation data (same forms; one loss per source is logged). When absent, `val_split` carves it from "
-        "each training source.")
-    val_split: float = _f(0.0, "Fraction of train held out for validation when `val` is not given.", min=0, max=0.5)
+        "each training source.", resume=MUST_MATCH)
+    val_split: float = _f(0.0, "Fraction of train held out for validation when `val` is not given.", min=0, max=0.5,
+        resume=MUST_MATCH)
     format: Literal["auto", "instruction", "chat", "sharegpt", "completion"] = _f(
-        "auto", "Row format; 'auto' detects it per file."
-    )
-    max_length: int = _f(1024, "Longest example in tokens; longer ones follow `overlong`.", min=16)
+        "auto", "Row format; 'auto' detects it per file.", resume=MUST_MATCH)
+    max_length: int = _f(1024, "Longest example in tokens; longer ones follow `overlong`.", min=16, resume=MUST_MATCH)
     overlong: Literal["truncate", "drop"] = _f(
-        "truncate", "Over-long rows: 'truncate' shortens the prompt side (never the answer); 'drop' skips them."
-    )
-    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: answer tokens only).")
-    packing: bool = _f(True, "Concatenate examples into one padding-free row; attention never crosses examples.")
-    group_by_length: bool = _f(True, "Without packing: batch examples of similar length, so less goes to padding.")
-    system_prompt: Union[str, None] = _f(None, "System message added to rows that have none (default: the template's).")
+        "truncate", "Over-long rows: 'truncate' shortens the prompt side (never the answer); 'drop' skips them.",
+        resume=MUST_MATCH)
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: answer tokens only).",
+        resume=MUST_MATCH)
+    packing: bool = _f(True, "Concatenate examples into one padding-free row; attention never crosses examples.",
+        resume=MUST_MATCH)
+    group_by_length: bool = _f(True, "Without packing: batch examples of similar length, so less goes to padding.",
+        resume=MUST_MATCH)
+    system_prompt: Union[str, None] = _f(None, "System message added to rows that have none (default: the template's).",
+        resume=MUST_MATCH)
     on_error: Literal["fail", "skip"] = _f(
-        "fail", "Bad rows (file:line: reason): 'fail' stops before the model loads; 'skip' trains without them."
-    )
+        "fail", "Bad rows (file:line: reason): 'fail' stops before the model loads; 'skip' trains without them.",
+        resume=MUST_MATCH)
 
 
 @dataclass
 class GuardSettings:
     source: Union[str, None] = _f(
         None, "Validation source to watch (a name of data.val's sources, or of data.train's with val_split); "
-        "null = off.")
+        "null = off.", resume=MUST_MATCH)
     max_increase: float = _f(
         0.05, "Stop when that source's validation loss exceeds its step-0 value by more than this fraction, keeping "
-        "the best weights that stayed within it.", min=0, min_exclusive=True)
+        "the best weights that stayed within it.", min=0, min_exclusive=True, resume=MAY_CHANGE)
 
 
 @dataclass
 class TrainSettings:
-    epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).", min=1)
-    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 means run `epochs` epochs.", min=0)
-    lr: float = _f(2e-4, "Peak learning rate.", min=0, min_exclusive=True)
-    batch_size: int = _f(8, "Examples per micro-batch (unless tokens_per_batch is set).", min=1)
+    epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).", min=1, resume=MAY_CHANGE)
+    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 means run `epochs` epochs.", min=0,
+        resume=MAY_CHANGE)
+    lr: float = _f(2e-4, "Peak learning rate.", min=0, min_exclusive=True, resume=MAY_CHANGE)
+    batch_size: int = _f(8, "Examples per micro-batch (unless tokens_per_batch is set).", min=1, resume=MUST_MATCH)
     tokens_per_batch: int = _f(
         0, "Fill each micro-batch up to this many tokens instead of batch_size examples (padded: rows x longest); "
-        "0 = off.", min=0
-    )
-    grad_accum: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", min=1)
-    warmup_ratio: float = _f(0.03, "Fraction of all steps spent warming the learning rate up from 0.", min=0, max=1)
-    scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.")
-    weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norms).", min=0)
-    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0)
-    seed: int = _f(42, "Seed for data order, splits, dropout and initialisation.")
-    eval_every: int = _f(0, "Validation loss every N optimizer steps (and always at the end); 0 = only at the end.", min=0)
+        "0 = off.", min=0, resume=MUST_MATCH)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", min=1,
+        resume=MUST_MATCH)
+    warmup_ratio: float = _f(0.03, "Fraction of all steps spent warming the learning rate up from 0.", min=0, max=1,
+        resume=MAY_CHANGE)
+    scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.",
+        resume=MAY_CHANGE)
+    weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norms).", min=0, resume=MAY_CHANGE)
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0,
+        resume=MAY_CHANGE)
+    seed: int = _f(42, "Seed for data order, splits, dropout and initialisation.", resume=MUST_MATCH)
+    eval_every: int = _f(0, "Validation loss every N optimizer steps (and always at the end); 0 = only at the end.", min=0,
+        resume=MAY_CHANGE)
     save_every: int = _f(
-        50, "Save a resumable checkpoint every N optimizer steps and at the end; 0 = only at the end.", min=0
-    )
+        50, "Save a resumable checkpoint every N optimizer steps and at the end; 0 = only at the end.", min=0,
+        resume=MAY_CHANGE)
     early_stopping_patience: int = _f(
-        0, "Stop after this many validations without a new best val loss, keeping the best weights; 0 = off.", min=0
-    )
+        0, "Stop after this many validations without a new best val loss, keeping the best weights; 0 = off.", min=0,
+        resume=MAY_CHANGE)
     eval_metric: Union[Literal["exact_match", "exact_match_normalised", "rouge1", "rouge2", "rougeL", "bleu"],
                        None] = _f(
         None, "Also generate answers for a sample of the validation rows at each evaluation and log this metric "
-        "(greedy; higher is better); null = off.")
+        "(greedy; higher is better); null = off.", resume=MAY_CHANGE)
     eval_metric_sample: int = _f(32, "Validation rows answered for eval_metric (the same rows each time); 0 = all.",
-                                 min=0)
-    eval_metric_max_new_tokens: int = _f(64, "Longest generated answer for eval_metric.", min=1)
+                                 min=0, resume=MAY_CHANGE)
+    eval_metric_max_new_tokens: int = _f(64, "Longest generated answer for eval_metric.", min=1, resume=MAY_CHANGE)
     early_stopping_metric: Literal["val_loss", "eval_metric"] = _f(
-        "val_loss", "What early stopping (and the best weights kept) follows: validation loss, or train.eval_metric.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).")
-    compile: bool = _f(False, "torch.compile the decoder (dynamic shapes); see the README for what it gives here.")
+        "val_loss", "What early stopping (and the best weights kept) follows: validation loss, or train.eval_metric.",
+            resume=MAY_CHANGE)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).",
+        resume=MAY_CHANGE)
+    compile: bool = _f(False, "torch.compile the decoder (dynamic shapes); see the README for what it gives here.",
+        resume=MAY_CHANGE)
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
-        "auto", "Compute precision; 'auto' = bf16 autocast where the hardware has native bf16, else fp32."
-    )
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; 'auto' picks CUDA when present.")
-    log_every: int = _f(1, "Write a metrics line every N optimizer steps.", min=1)
-    keep_last: int = _f(3, "Keep the newest N complete checkpoints (the newest is never deleted).", min=1)
+        "auto", "Compute precision; 'auto' = bf16 autocast where the hardware has native bf16, else fp32.",
+        resume=MUST_MATCH)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; 'auto' picks CUDA when present.",
+        resume=MAY_CHANGE)
+    log_every: int = _f(1, "Write a metrics line every N optimizer steps.", min=1, resume=MAY_CHANGE)
+    keep_last: int = _f(3, "Keep the newest N complete checkpoints (the newest is never deleted).", min=1,
+        resume=MAY_CHANGE)
     resume: Literal["never", "auto"] = _f(
-        "never", "'auto' continues from the newest complete checkpoint in output_dir (same as --resume)."
-    )
+        "never", "'auto' continues from the newest complete checkpoint in output_dir (same as --resume).",
+        resume=MAY_CHANGE)
     max_bad_steps: int = _f(
-        5, "A NaN/Inf loss or gradient skips that step; more than this many in a row stop the run.", min=0
-    )
+        5, "A NaN/Inf loss or gradient skips that step; more than this many in a row stop the run.", min=0,
+        resume=MAY_CHANGE)
     loss_spike_factor: float = _f(
-        0.0, "Stop when the loss stays above this multiple of its running mean (last 50 steps); 0 = off.", min=0
-    )
-    loss_spike_patience: int = _f(10, "Consecutive spiking steps that stop the run (with loss_spike_factor).", min=1)
+        0.0, "Stop when the loss stays above this multiple of its running mean (last 50 steps); 0 = off.", min=0,
+        resume=MAY_CHANGE)
+    loss_spike_patience: int = _f(10, "Consecutive spiking steps that stop the run (with loss_spike_factor).", min=1,
+        resume=MAY_CHANGE)
     distributed: Literal["auto", "none", "ddp", "fsdp"] = _f(
         "auto", "Several processes (torchrun or --nproc): 'ddp' replicates the model, 'fsdp' shards parameters, "
         "gradients and optimizer state (FSDP2, per decoder layer); 'auto' = ddp under torchrun, none otherwise. "
-        "batch_size and grad_accum are per process: the global batch is batch_size x grad_accum x processes."
-    )
+        "batch_size and grad_accum are per process: the global batch is batch_size x grad_accum x processes.",
+        resume=MAY_CHANGE)
     guard: GuardSettings = field(default_factory=lambda: GuardSettings(), metadata={
         "help": "Forgetting guard: stop when one validation source's loss rises too far above its step-0 value."})
     distributed_timeout_s: int = _f(
-        1800, "Seconds a process waits for a hung peer before the run fails (a crashed peer fails it at once).", min=1
-    )
+        1800, "Seconds a process waits for a hung peer before the run fails (a crashed peer fails it at once).", min=1,
+        resume=MAY_CHANGE)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
         [], "Experiment trackers that also receive the metrics (each imported only when listed; W&B runs offline "
         "without a login): tensorboard -> <run>/tensorboard, wandb -> <run>/wandb, mlflow -> <run>/mlflow.db or "
-        "MLFLOW_TRACKING_URI.")
+        "MLFLOW_TRACKING_URI.", resume=MAY_CHANGE)
 
 
 @dataclass
 class RunConfig:
-    model: str = _f(EMBEDDED_MODEL, "Base model: an alias, a hub id, a local HF model directory or a .gguf file.")
-    method: Literal["full", "lora", "qlora", "dora", "adapter", "prefix", "prompt"] = _f(
-        "lora", "How to fine-tune: all weights ('full'), LoRA, QLoRA (LoRA on a 4-bit base), DoRA, bottleneck "
-        "'adapter' layers, 'prefix' tuning or soft-'prompt' tuning."
-    )
-    output_dir: str = _f("runs/run", "Run directory: metrics, resolved config and the trained weights.")
-    trust_remote_code: bool = _f(False, "Allow model repositories to run their own Python code. Off for safety.")
+    model: str = _f(EMBEDDED_MODEL, "Base model: an alias, a hub id, a local HF model directory or a .gguf file.",
+        resume=MUST_MATCH)
+    method: Literal[METHOD_NAMES] = _f("lora", method_help(), resume=MUST_MATCH)  # the choices: method_registry
+    output_dir: str = _f("runs/run", "Run directory: metrics, resolved config and the trained weights.",
+        resume=MAY_CHANGE)
+    trust_remote_code: bool = _f(False, "Allow model repositories to run their own Python code. Off for safety.",
+        resume=MAY_CHANGE)
     lora: LoraSettings = field(default_factory=LoraSettings)
     qlora: QloraSettings = field(default_factory=QloraSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
@@ -349,14 +387,13 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         list_options = [o for o in options if typing.get_origin(o) is list]
         if isinstance(value, list) and len(list_options) == 1:
             return _check_type(key, value, list_options[0])
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _check_type(key, value, option)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass  # the next option may fit; if none does, the message below names them all
         wanted = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"{key}: got {_show(value)}, expected {wanted}")
     if origin is list:
@@ -438,14 +475,12 @@ def check_method_settings(cfg: RunConfig) -> None:
         raise ConfigError("prompt.init_text: missing; prompt.init is 'text', so set the text that starts the soft prompt")
     if prompt.init != "text" and prompt.init_text is not None:
         raise ConfigError(f"prompt.init_text: given, but prompt.init is {prompt.init!r}; set prompt.init=text to use it")
-    if cfg.method == "prefix" and cfg.train.gradient_checkpointing:
-        # Recomputing a layer would append its learned key/value prefix to the attention cache a second time.
-        raise ConfigError("train.gradient_checkpointing: not supported with method 'prefix'; turn it off")
-    if cfg.train.distributed == "fsdp" and cfg.method == "qlora":
-        # Sharding bitsandbytes' packed 4-bit weights needs their storage dtype to match the compute dtype and is
-        # not supported by bitsandbytes on CPU; DDP replicates the 4-bit base and works.
-        raise ConfigError("train.distributed: 'fsdp' is not supported with method 'qlora'; use ddp (the 4-bit base "
-                          "is small enough to replicate)")
+    method = method_named(cfg.method)  # what it supports, and why not, is the registry's
+    if cfg.train.gradient_checkpointing and not method.gradient_checkpointing:
+        raise ConfigError(f"train.gradient_checkpointing: not supported with method {cfg.method!r}; turn it off")
+    if cfg.train.distributed == "fsdp" and method.fsdp_refused:
+        raise ConfigError(f"train.distributed: 'fsdp' is not supported with method {cfg.method!r}; "
+                          f"{method.fsdp_refused}")
     if cfg.train.early_stopping_metric == "eval_metric" and cfg.train.eval_metric is None:
         raise ConfigError("train.early_stopping_metric: 'eval_metric' needs train.eval_metric (e.g. exact_match)")
     if cfg.train.eval_metric is not None and cfg.data.val is None and cfg.data.val_split == 0:
@@ -503,10 +538,6 @@ def _check_data_path(key: str, value: str) -> None:
         raise ConfigError(f"{key}: file not found: {value} (relative paths are from {os.getcwd()})")
 
 
-def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-
-
 def describe_schema() -> str:
     """Every key with its default and help, for `tuneforge train --help-config`."""
     lines: list[str] = []
@@ -519,7 +550,35 @@ def describe_schema() -> str:
                 walk(hint, prefix + fld.name + ".")
                 continue
             default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
-            lines.append(f"{prefix}{fld.name} = {default!r}\n    {fld.metadata.get('help', '')}")
+            on_resume = "must match the checkpoint" if fld.metadata["resume"] == MUST_MATCH else "may change"
+            lines.append(f"{prefix}{fld.name} = {default!r}\n    {fld.metadata.get('help', '')} "
+                         f"(on --resume: {on_resume})")
 
     walk(RunConfig, "")
     return "\n".join(lines)
+
+
+def resume_marks(cls: type = None, prefix: str = "") -> dict[str, str]:
+    """{"lora.r": MUST_MATCH, "train.epochs": MAY_CHANGE, ...}: every key's resume mark, from the schema itself.
+    A list of sources (`data.train: [...]`) is one key: its paths, weights and epochs decide the data stream."""
+    cls = cls or RunConfig
+    marks: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for fld in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[fld.name]):
+            marks.update(resume_marks(hints[fld.name], prefix + fld.name + "."))
+        else:
+            marks[prefix + fld.name] = fld.metadata["resume"]
+    return marks
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """(refused, allowed): the keys whose value differs between a checkpoint's config and this run's, each as
+    (key, checkpoint value, this run's value), split by their resume mark. A key the checkpoint's (older) config
+    does not have is not compared: its value then is unknown, not different."""
+    before, now = dotted_items(saved), dotted_items(current)
+    refused, allowed = [], []
+    for key, mark in resume_marks().items():
+        if key in before and before[key] != now.get(key):
+            (refused if mark == MUST_MATCH else allowed).append((key, before[key], now.get(key)))
+    return refused, allowed

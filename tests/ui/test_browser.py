@@ -19,7 +19,7 @@ from tests.conftest import EMBEDDED, ROOT, write_jsonl
 from tests.conftest import serve_in_thread
 from tuneforge.config import load_config
 from tuneforge.train.loop import train
-from tuneforge.train.tracking import read_metrics
+from tuneforge.run_dir import read_metrics
 from tuneforge.ui.app import create_app
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"

@@ -217,19 +217,27 @@ def test_other_methods_under_ddp_and_fsdp_equal_one_process(tmp_path, tiny_model
 
 
 def test_fsdp_early_stopping_keeps_the_same_best_weights(tmp_path, tiny_model_dir, data_file):
-    # A learning rate high enough to overshoot: validation stops improving and the best weights (gathered on rank 0,
-    # spread back to the shards) are what is saved.
+    # Early stopping must trigger, and the best weights (gathered on rank 0, spread back to the shards) must be what
+    # is saved. It is made to trigger by the data, not by an overshooting learning rate: the validation rows ask the
+    # training prompts for another last word ("no" where training teaches "ok"), so validation loss rises once the
+    # model learns the training answers. At the suite's usual lr (2e-3) the two trajectories stay within float
+    # reduction order of each other; the earlier lr of 8e-2 over 4 epochs amplified that order into 1e-4 weight
+    # differences on some machines.
+    val_rows = [{**row, "output": row["output"].replace(" ok", " no")} for row in rows()[:12]]
+    val_file = write_jsonl(tmp_path / "val.jsonl", val_rows)
     cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, tmp_path / "unused", "lora",
-                            epochs=4, grad_accum=1, lr=8e-2, eval_every=1, early_stopping_patience=2)
+                            epochs=4, grad_accum=1, eval_every=1, early_stopping_patience=2)
     config = yaml.safe_load(cfg_file.read_text())
-    config["data"]["val_split"] = 0.25
+    config["data"]["val"] = str(val_file)
     cfg_file.write_text(yaml.safe_dump(config))
     done = torchrun("-m", "tests.unit.dist_methods_driver", str(cfg_file), str(tmp_path / "two"), "lora:fsdp")
     assert done.returncode == 0, done.stderr[-3000:]
     one = train(load_config(cfg_file, ["train.grad_accum=2", f"output_dir={tmp_path / 'one'}"]), show_progress=False)
-    assert one.stopped_early
+    assert one.stopped_early and one.steps < 4 * 7  # it stopped before the end of 4 epochs of 7 steps
     two_end = [json.loads(line) for line in (tmp_path / "two" / "lora-fsdp" / "metrics.jsonl").read_text().splitlines()][-1]
     assert two_end["stopped_early"] and two_end["step"] == one.steps
     assert abs(two_end["final_val_loss"] - one.val_loss) < TOLERANCE
     ref_w, w = weights(tmp_path / "one"), weights(tmp_path / "two" / "lora-fsdp")
-    assert max((ref_w[k] - w[k]).abs().max().item() for k in ref_w) < TOLERANCE
+    worst = max((ref_w[k] - w[k]).abs().max().item() for k in ref_w)
+    print(f"early-stopped FSDP vs one process: max |weight difference| = {worst:.2e}")
+    assert worst < TOLERANCE

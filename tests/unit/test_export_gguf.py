@@ -3,12 +3,13 @@ is installed, llama.cpp itself) as the model it was written from: same tensors, 
 and logits.
 
 llama.cpp runs through `llama-cpp-python` where it is installed (it compiles llama.cpp from source), else through the
-prebuilt llama.cpp binaries of the npm package node-llama-cpp, installed with
-`npm install --prefix ~/.cache/tuneforge/node-llama-cpp node-llama-cpp@3.21.1` (or the folder in
-$TUNEFORGE_NODE_LLAMA_CPP); with neither, the llama.cpp tests are skipped and say so."""
+prebuilt llama.cpp binaries of the npm package node-llama-cpp, which `make test` installs into .venv/node-llama-cpp
+(another folder can be named in $TUNEFORGE_NODE_LLAMA_CPP). With neither, the llama.cpp tests fail and say how to
+install it: a skipped check would look like a passed one."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -21,11 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli, tiny_llama_config
+from tests.conftest import ROOT, run_cli, tiny_llama_config
 from tests.unit.test_merge import IDS, make_lora_run
 
-NODE_LLAMA_CPP = Path(os.environ.get("TUNEFORGE_NODE_LLAMA_CPP",
-                                     Path.home() / ".cache" / "tuneforge" / "node-llama-cpp"))
+NODE_LLAMA_CPP = Path(os.environ.get("TUNEFORGE_NODE_LLAMA_CPP", ROOT / ".venv" / "node-llama-cpp"))
 NODE_LLAMA_CPP_ENTRY = NODE_LLAMA_CPP / "node_modules" / "node-llama-cpp" / "dist" / "index.js"
 if importlib.util.find_spec("llama_cpp") is not None:
     LLAMA_CPP_RUNNER = "llama-cpp-python"
@@ -33,10 +33,20 @@ elif shutil.which("node") and NODE_LLAMA_CPP_ENTRY.is_file():
     LLAMA_CPP_RUNNER = "node-llama-cpp"
 else:
     LLAMA_CPP_RUNNER = None
-needs_llama_cpp = pytest.mark.skipif(
-    LLAMA_CPP_RUNNER is None,
-    reason="no llama.cpp to run the GGUF file: pip install llama-cpp-python (compiles llama.cpp from source), or "
-           "npm install --prefix ~/.cache/tuneforge/node-llama-cpp node-llama-cpp@3.21.1 (prebuilt binaries)")
+
+
+def needs_llama_cpp(test):
+    """The test fails (never skips) when no llama.cpp is installed: `make test` installs one."""
+
+    @functools.wraps(test)
+    def checked(*args, **kwargs):
+        if LLAMA_CPP_RUNNER is None:
+            pytest.fail(f"no llama.cpp to run the GGUF file: run `make test-tools` (installs node-llama-cpp into "
+                        f"{NODE_LLAMA_CPP}), or pip install llama-cpp-python")
+        return test(*args, **kwargs)
+
+    return checked
+
 
 # Greedy decoding in llama.cpp through node-llama-cpp: per prompt, llama.cpp's own tokenization of the text and, for
 # the given token ids, each generated token with the probability llama.cpp gave it (end-of-generation tokens too).

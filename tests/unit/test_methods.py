@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import write_jsonl
+from tuneforge import run_dir as layout
 from tuneforge.config import load_config
 from tuneforge.data.batching import collate_packed, collate_padded
 from tuneforge.data.tokenize import TokenizedExample
 from tuneforge.errors import ConfigError
+from tuneforge.method_registry import METHOD_NAMES
 from tuneforge.model.attention import use_packed_attention, use_standard_attention
 from tuneforge.model.bottleneck import BottleneckModel, add_bottleneck_adapters
 from tuneforge.model.methods import apply_method, count_parameters, parameter_report
@@ -24,7 +26,7 @@ from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.forward import batch_loss_sum
 from tuneforge.train.loop import train
 
-METHODS = ("full", "lora", "qlora", "dora", "adapter", "prefix", "prompt")
+METHODS = METHOD_NAMES  # every method the registry lists
 # Prompt learning trains a few hundred numbers from scratch: it needs a bigger step to move in 4 steps.
 LEARNING_RATE = {"full": "1e-3", "prefix": "0.1", "prompt": "0.1"}
 RELOAD_TOLERANCE = {"qlora": 1e-4}
@@ -112,8 +114,7 @@ def test_method_trains_saves_reloads_and_resumes(method, runs, tiny_model_dir, d
     # Resume from the step-2 checkpoint in a fresh run directory: steps 3-4 and the saved weights equal the
     # uninterrupted run's, and the model carries exactly the adapter it had (never a second one on top).
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(ckpt.checkpoints_root(run) / ckpt.checkpoint_name(2),
-                    ckpt.checkpoints_root(resumed_dir) / ckpt.checkpoint_name(2))
+    shutil.copytree(layout.checkpoint_dir(run, 2), layout.checkpoint_dir(resumed_dir, 2))
     resumed = train(load_config(None, overrides(tiny_model_dir, data_file, resumed_dir, method, "train.resume=auto")),
                     show_progress=False)
     again = step_losses(resumed_dir)

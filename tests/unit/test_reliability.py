@@ -24,7 +24,7 @@ from tuneforge.errors import ConfigError, OutputWriteError, TrainingStopped, Use
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import forward
 from tuneforge.train.loop import train
-from tuneforge.train.tracking import read_status
+from tuneforge.run_dir import read_status
 
 
 def rows(n=40):

@@ -14,7 +14,7 @@ from tests.unit.test_train_tiny import task_rows
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError, TrainingStopped
 from tuneforge.train.loop import train
-from tuneforge.train.tracking import read_metrics, read_status
+from tuneforge.run_dir import read_metrics, read_status
 
 
 def _config(tiny_model_dir, tmp_path, *extra):

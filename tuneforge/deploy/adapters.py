@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.method_registry import SERVABLE_METHODS
 from tuneforge.model.trained import read_run_meta
 
 log = logging.getLogger("tuneforge")
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-SERVABLE_METHODS = ("lora", "dora", "qlora")
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 

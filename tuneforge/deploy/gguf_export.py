@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.method_registry import saves_whole_model
 from tuneforge.model.load import load_tokenizer
 from tuneforge.model.trained import read_run_meta
 
@@ -106,7 +107,7 @@ def _load_source(source: str):
 
     path = Path(source)
     meta = read_run_meta(path) if path.is_dir() else None
-    if meta is not None and meta.get("method") != "full":
+    if meta is not None and not saves_whole_model(meta.get("method")):
         from tuneforge.deploy.merge import merged_model
 
         return merged_model(path, meta), load_tokenizer(source), path.resolve().name

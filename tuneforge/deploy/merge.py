@@ -1,4 +1,4 @@
-"""`tuneforge merge`: fold a LoRA / DoRA / QLoRA run into its base and write a plain Hugging Face model directory.
+"""`tuneforge merge`: fold a LoRA-type run (method_registry `merges`) into its base as a plain Hugging Face model dir.
 
 The result loads anywhere transformers does (vLLM, TGI, llama.cpp after `tuneforge export`), with no PEFT at
 inference time and no adapter latency. A QLoRA adapter was trained against the 4-bit NF4 base, not the original
@@ -13,19 +13,13 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.method_registry import MERGEABLE_METHODS, find_method
 from tuneforge.model.load import load_model, load_tokenizer
 from tuneforge.model.trained import RUN_META_FILE, read_run_meta
 
 log = logging.getLogger("tuneforge")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MERGEABLE = ("lora", "dora", "qlora")
-# Methods whose trained parameters are not a delta on existing weights: nothing to fold in.
-NOT_MERGEABLE = {
-    "adapter": "its bottleneck layers are extra modules, not a change to existing weights",
-    "prefix": "its trained prefix is extra key/value states, not a change to existing weights",
-    "prompt": "its trained soft prompt is extra input embeddings, not a change to existing weights",
-}
 
 
 def run_meta_or_error(run_dir: Path) -> dict:
@@ -38,16 +32,18 @@ def run_meta_or_error(run_dir: Path) -> dict:
 
 
 def check_mergeable(run_dir: Path, meta: dict) -> None:
-    method = meta.get("method")
-    if method in NOT_MERGEABLE:
+    name = meta.get("method")
+    method = find_method(name)
+    if method is None:
+        raise UserError(f"{run_dir}: unknown method {name!r} in {RUN_META_FILE} "
+                        f"(mergeable: {', '.join(MERGEABLE_METHODS)})")
+    if method.saved_as == "model":
+        raise UserError(f"{run_dir}: method {name!r} is already a complete model directory; nothing to merge")
+    if not method.merges:
         raise UserError(
-            f"{run_dir}: method {method!r} cannot be merged ({NOT_MERGEABLE[method]}); "
+            f"{run_dir}: method {name!r} cannot be merged ({method.why_not_merged}); "
             f"use the run directly with tuneforge chat/generate/eval"
         )
-    if method == "full":
-        raise UserError(f"{run_dir}: method 'full' is already a complete model directory; nothing to merge")
-    if method not in MERGEABLE:
-        raise UserError(f"{run_dir}: unknown method {method!r} in {RUN_META_FILE} (mergeable: {', '.join(MERGEABLE)})")
 
 
 def merged_model(run_dir: Path, meta: dict | None = None) -> torch.nn.Module:
@@ -57,7 +53,7 @@ def merged_model(run_dir: Path, meta: dict | None = None) -> torch.nn.Module:
     meta = meta or run_meta_or_error(run_dir)
     check_mergeable(run_dir, meta)
     base = load_model(meta["base_model"], dtype=torch.float32)
-    if meta["method"] == "qlora":
+    if find_method(meta["method"]).quantized_base:
         use_dequantized_4bit_weights(base, meta["base_model"], run_dir)
     model = PeftModel.from_pretrained(base, str(run_dir))
     model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/Inf weights instead of writing them

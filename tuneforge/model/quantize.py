@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 
 from tuneforge.config import QloraSettings
 from tuneforge.errors import UserError
 from tuneforge.model.load import resolve_model
+from tuneforge.run_dir import read_config
 
 log = logging.getLogger("tuneforge")
 
@@ -85,8 +85,6 @@ def _scale_bytes(state) -> int:
 
 def run_qlora_settings(run_dir: Path) -> QloraSettings:
     """The qlora settings a run was trained with (its resolved config.yaml), for reloading its base the same way."""
-    path = Path(run_dir) / "config.yaml"
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    section = (raw or {}).get("qlora") or {}
+    section = (read_config(run_dir) or {}).get("qlora") or {}
     known = QloraSettings.__dataclass_fields__
     return QloraSettings(**{k: v for k, v in section.items() if k in known})

@@ -11,8 +11,10 @@ import torch
 
 from tuneforge.config import RunConfig, config_from_dict
 from tuneforge.errors import UserError
+from tuneforge.method_registry import method_named
+from tuneforge.plan import METHODS
 from tuneforge.plan.data_shape import DataShape, measure_data
-from tuneforge.plan.memory import METHODS, MemoryEstimate, MemorySpec, estimate_memory
+from tuneforge.plan.memory import MemoryEstimate, MemorySpec, estimate_memory
 
 GIB = 2**30
 
@@ -52,7 +54,7 @@ def spec_from_config(cfg: RunConfig, shape: DataShape | None = None, *, device: 
     qlora = getattr(cfg, "qlora", None)  # the qlora section arrives with method: qlora
     return MemorySpec(
         model=cfg.model,
-        method=cfg.method,
+        method=method_named(cfg.method).planner,
         lora_r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -240,8 +242,9 @@ def _how_to_fit(cfg: RunConfig) -> str:
         ideas.append("train.gradient_checkpointing=true")
     if cfg.train.batch_size > 1:
         ideas.append("a smaller train.batch_size with a larger train.grad_accum")
-    if cfg.method == "full":
+    planned = method_named(cfg.method).planner  # the planner's memory model: a lighter one that may fit
+    if planned == "full":
         ideas.append("method=lora")
-    elif cfg.method in ("lora", "dora"):
+    elif planned in ("lora", "dora"):
         ideas.append("method=qlora")
     return "try " + ", ".join(ideas) if ideas else "use a smaller model or a machine with more memory"

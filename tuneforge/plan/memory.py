@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tuneforge.errors import UserError
-from tuneforge.plan import ENGINES, METHODS, OPTIMIZERS
+from tuneforge.plan import ENGINES, MEMORY_MODELS, OPTIMIZERS
 from tuneforge.plan.activations import ActivationCount, count_saved_activations, decoder_layers
 from tuneforge.plan.architectures import ParameterCounts, count_parameters, load_architecture, meta_model
 
@@ -73,7 +73,7 @@ class MemorySpec:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        for key, value, allowed in (("method", self.method, METHODS), ("engine", self.engine, ENGINES),
+        for key, value, allowed in (("method", self.method, MEMORY_MODELS), ("engine", self.engine, ENGINES),
                                     ("optimizer", self.optimizer, OPTIMIZERS),
                                     ("compute dtype", self.compute_dtype, tuple(DTYPE_BYTES)),
                                     ("adapter dtype", self.adapter_dtype, tuple(DTYPE_BYTES))):
@@ -213,7 +213,7 @@ def _peft_config(spec: MemorySpec):
     from peft import LoraConfig
 
     targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
-    # The same adapter `tuneforge.model.methods` builds (a unit test holds the two to the same parameter count).
+    # The same adapter `tuneforge.model.lora` builds (a unit test holds the two to the same parameter count).
     return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM", use_dora=spec.method == "dora")
 

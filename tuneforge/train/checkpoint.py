@@ -23,10 +23,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tuneforge import run_dir as layout
 from tuneforge.errors import OutputWriteError, TrainingStopped, UserError
-from tuneforge.model.trained import RUN_META_FILE
 
-CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint (with the rename)
 WEIGHTS_FILE = "trainable.safetensors"
 BEST_WEIGHTS_FILE = "best_trainable.safetensors"
@@ -67,17 +66,9 @@ def assert_finite(tensors: dict[str, torch.Tensor] | torch.nn.Module, what: str 
 # Periodic checkpoints: weights, optimizer, schedule position, data position, RNG, config.
 
 
-def checkpoints_root(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = checkpoints_root(run_dir)
+    root = layout.checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
@@ -90,7 +81,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    root = checkpoints_root(run_dir)
+    root = layout.checkpoints_dir(run_dir)
     if root.is_dir():
         for leftover in root.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -111,8 +102,8 @@ def save_checkpoint(
     the other ranks' RNG states of a distributed run."""
     weights = {name: t.contiguous() for name, t in weights.items()}
     assert_finite(weights)
-    root = checkpoints_root(run_dir)
-    target = root / checkpoint_name(step)
+    root = layout.checkpoints_dir(run_dir)
+    target = layout.checkpoint_dir(run_dir, step)
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
@@ -123,7 +114,7 @@ def save_checkpoint(
         save_file(opt_tensors, staging / OPTIMIZER_TENSORS_FILE)
         _write_text(staging / OPTIMIZER_META_FILE, json.dumps(opt_meta))
         save_file({**_torch_rng_tensors(), **(rank_rng or {})}, staging / RNG_FILE)
-        (staging / "config.yaml").write_text(config_text, encoding="utf-8")
+        layout.write_config(staging, config_text)
         state = {**trainer_state, "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
         _write_text(staging / STATE_FILE, json.dumps(state))
         _fsync_tree(staging)
@@ -151,11 +142,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         "optimizer": _unflatten_optimizer(_load_safetensors(path / OPTIMIZER_TENSORS_FILE),
                                           json.loads((path / OPTIMIZER_META_FILE).read_text())),
         "rng": _load_safetensors(path / RNG_FILE),
-        "state": json.loads((path / STATE_FILE).read_text()),
-        "config_text": (path / "config.yaml").read_text(encoding="utf-8"),
+        "state": read_trainer_state(path),
+        "config_text": layout.config_path(path).read_text(encoding="utf-8"),
         "best_weights": _load_safetensors(path / BEST_WEIGHTS_FILE) if (path / BEST_WEIGHTS_FILE).exists() else None,
     }
     return loaded
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state alone (small JSON): what a resume checks before loading any tensor."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
 
 
 def restore_rng(rng_tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -240,7 +236,7 @@ def save_output(model: torch.nn.Module, tokenizer, run_dir: Path, meta: dict,
         # PEFT writes adapter_*; transformers writes model.safetensors + config.
         model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
-        _write_text(staging / RUN_META_FILE, json.dumps(meta, indent=2) + "\n")
+        _write_text(staging / layout.META_FILE, layout.meta_text(meta))
         _fsync_tree(staging)
         for item in sorted(staging.iterdir()):
             destination = run_dir / item.name

@@ -1,4 +1,10 @@
-"""THE training loop: one function for every method, readable top to bottom.
+"""THE training loop: one for every method, in named phases that read top to bottom.
+
+    train ─► set_up ─► take_guard_baseline ─► train_epoch (optimizer_step ─► record_step ─► evaluate ─►
+             save_checkpoint) ... ─► finish
+
+`set_up` builds a `Run`: what every phase shares (config, data, model, optimizer, step plan, run log) and the one
+thing that changes, `run.state` (what a checkpoint saves besides tensors). Each phase is a plain function of it.
 
 config -> data (validated before any model loads) -> model (load -> method) -> steps -> output in the run directory.
 Each optimizer step's loss is the mean over all answer tokens of the step, however the step is split into
@@ -6,7 +12,7 @@ micro-batches: every micro-batch's summed loss is divided by the step's total ta
 
 A run can be killed at any instant and continued with `--resume` as if nothing happened: a checkpoint holds the
 trainable weights, optimizer state, step and data position, best-so-far bookkeeping and every RNG state, and the
-data order of an epoch is a pure function of (seed, epoch).
+data order of an epoch is a pure function of (seed, epoch). The schema says which settings must match on resume.
 
 Under torchrun the same loop runs in every process (train/distributed.py): each rank takes its share of every global
 step's micro-batches, and only rank 0 writes metrics, checkpoints and the output.
@@ -21,40 +27,37 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import yaml
 
-from tuneforge import __version__
-from tuneforge.config import RunConfig, data_sources, validate_for_training
+from tuneforge import run_dir as layout
+from tuneforge.config import RunConfig, data_sources, resume_differences, validate_for_training
 from tuneforge.data.batching import StepPlan, collate, epoch_steps, steps_in_epochs
+from tuneforge.data.fingerprint import changed_data_files, data_file_hashes
 from tuneforge.data.formats import Example
 from tuneforge.data.mixing import describe, epoch_pool, plan_shares
-from tuneforge.data.prepare import read_raw, tokenize_data
+from tuneforge.data.prepare import PreparedData, read_raw, tokenize_data
 from tuneforge.errors import ConfigError, DataError, OutputWriteError, Preempted, TrainingStopped, UserError
 from tuneforge.model.attention import use_packed_attention, use_standard_attention
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
+from tuneforge.train.experiment_trackers import check_available, start_trackers
 from tuneforge.train.forward import AnswerTokenLossSum, causal_lm_of
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
+from tuneforge.train.run_log import RunLog, plot_losses
 from tuneforge.train.selection import Evaluation, judge
 from tuneforge.train.signals import StopRequests
-from tuneforge.train.trackers import check_available, start_trackers
-from tuneforge.train.tracking import METRICS_FILE, Tracker, plot_losses, read_status, truncate_metrics, write_status
 from tuneforge.train.validate import validation_by_source
+from tuneforge.version import __version__
 
 log = logging.getLogger("tuneforge")
 
 SPIKE_WINDOW = 50  # steps in the running mean that loss spikes are measured against
-# Settings a resumed run must share with its checkpoint: they decide the weights' shapes or the data stream.
-RESUME_MUST_MATCH = ("model", "method", "lora.r", "lora.target_modules", "qlora.quant_type", "adapter.placement",
-                     "adapter.reduction_factor", "adapter.bottleneck_dim", "prefix.num_virtual_tokens",
-                     "prompt.num_virtual_tokens", "data.train", "data.format",
-                     "data.max_length", "data.packing", "data.group_by_length", "train.seed", "train.batch_size",
-                     "train.tokens_per_batch", "train.grad_accum")
 
 
 @dataclass
@@ -74,6 +77,50 @@ class TrainerState:
     recent_losses: list[float] = field(default_factory=list)
     world_size: int = 1  # processes that trained it: a step's data depends on it
     guard_baseline: float | None = None  # the guarded source's validation loss at step 0
+    data_files: dict[str, str] = field(default_factory=dict)  # sha256 of each data file: edits refuse a resume
+
+
+@dataclass
+class Run:
+    """What the phases share. Built once by `set_up`; `state`, `best_weights` and `stopped_early` change."""
+
+    cfg: RunConfig
+    run_dir: Path
+    world: distributed.World
+    device: str
+    autocast_dtype: torch.dtype | None
+    tokenizer: object
+    data: PreparedData
+    model: torch.nn.Module  # the (wrapped) model: saving and generation use it
+    loss_module: torch.nn.Module  # what forward/backward go through: DDP/FSDP-wrapped AnswerTokenLossSum
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    lengths: list[int]
+    step_plan: StepPlan
+    pool_of: Callable[[int], list[int]] | None  # a data mix's examples of an epoch; None: every example once
+    total_steps: int
+    config_text: str
+    resumed_from: Path | None
+    log: RunLog
+    state: TrainerState
+    best_weights: dict[str, torch.Tensor] | None = None  # the best evaluation's trainable weights, when kept
+    first_step: int = 0  # the step this attempt started at
+    stopped_early: bool = False
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int  # all tokens of the global step
+    targets: int  # answer tokens of the global step
+    seconds: float
+    stop_requested: bool  # any rank got SIGTERM/SIGINT
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
 @dataclass
@@ -98,7 +145,12 @@ def train(cfg: RunConfig, show_progress: bool = True,
     device = pick_device(cfg.train.device)
     world = distributed.start(cfg.train.distributed, cfg.train.distributed_timeout_s, device)
     try:
-        return _train(cfg, show_progress and world.is_main, train_rows, val_rows, device, world)
+        run = set_up(cfg, show_progress and world.is_main, train_rows, val_rows, device, world)
+        with StopRequests() as stop, run.log:  # the log closes (W&B and MLflow runs end) however the loop ends
+            take_guard_baseline(run)
+            while run.state.step < run.total_steps and not run.stopped_early:
+                train_epoch(run, stop)
+        return finish(run)
     except BaseException as exc:
         if world.is_main:
             _record_failed_attempt(Path(cfg.output_dir), exc)
@@ -107,38 +159,76 @@ def train(cfg: RunConfig, show_progress: bool = True,
         distributed.stop(world)
 
 
-def _record_failed_attempt(run_dir: Path, exc: BaseException) -> None:
-    """status.json says how this attempt ended: 'stopped' (a signal or Ctrl-C: resumable) or 'failed' (with the
-    error's line). Only a status this process wrote is changed: an error before the run started leaves an earlier
-    run's status as it was."""
-    status = read_status(run_dir)
-    if status is None or status.get("pid") != os.getpid() or status.get("state") != "running":
-        return
-    stopped = isinstance(exc, (Preempted, KeyboardInterrupt))
-    error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-    try:
-        write_status(run_dir, "stopped" if stopped else "failed", error=error.splitlines()[0] if error else None)
-    except OutputWriteError:
-        pass  # the disk that failed the run may fail this too; the original error is what the user must see
+# ---------------------------------------------------------------------------------------------------------------------
+# Set up: run directory, data, model, optimizer, step plan; the checkpoint's state on resume.
 
 
-def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_rows: list[Example], device: str,
-           world: distributed.World) -> TrainResult:
+def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_rows: list[Example], device: str,
+           world: distributed.World) -> Run:
     run_dir = Path(cfg.output_dir)
-    resume_from = _find_resume_point(cfg, run_dir)
+    data_files = data_file_hashes(cfg.data)
+    resume_from = find_resume_point(cfg, run_dir, data_files)
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
+        layout.write_config(run_dir, config_text)
         ckpt.remove_partial_checkpoints(run_dir)
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights everywhere
 
-    autocast_dtype = torch.bfloat16 if _use_bf16(cfg.train.dtype, device) else None
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     data = tokenize_data(cfg.data, tokenizer, train_rows, val_rows)
     if world.is_main:
         log.info("data: %s", data.summary())
+    guard = cfg.train.guard.source
+    if guard and not any(ex.origin == guard for ex in data.val):
+        raise DataError(f"train.guard.source: no validation examples of {guard!r} are left after tokenization")
 
+    model = _prepare_model(cfg, device, world)
+    loaded = None
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from)
+        # Into the whole model, before FSDP shards it: every rank reads the same checkpoint.
+        ckpt.load_trainable_state(model, loaded["weights"])
+    loss_module = distributed.wrap(world, AnswerTokenLossSum(model), device)
+    optimizer = build_optimizer(model, cfg.train)  # after wrapping: under FSDP it holds the shards
+
+    t = cfg.train
+    lengths = [len(ex.input_ids) for ex in data.train]
+    # One plan for the whole world: a global step is grad_accum micro-batches per rank.
+    step_plan = StepPlan(t.batch_size, t.grad_accum * world.size, t.tokens_per_batch, cfg.data.packing,
+                         cfg.data.group_by_length, t.seed)
+    pool_of, shares = None, []
+    if isinstance(cfg.data.train, list):
+        shares = plan_shares(data_sources(cfg.data.train), [ex.origin for ex in data.train])
+        pool_of = lambda epoch: epoch_pool(shares, t.seed, epoch)  # noqa: E731
+        if world.is_main:
+            log.info("data mix per epoch: %s", describe(shares))
+    total_steps = t.max_steps or steps_in_epochs(lengths, step_plan, t.epochs, pool_of)
+
+    state, best_weights = TrainerState(), None
+    if loaded is not None:
+        state, best_weights = _restore(loaded, resume_from, world, loss_module, optimizer)
+        if world.is_main:
+            layout.truncate_metrics(run_dir, state.step)
+            log.info("resuming from %s (step %d of %d)", resume_from, state.step, total_steps)
+    elif world.is_main:
+        layout.start_metrics(run_dir)
+    state.world_size, state.data_files = world.size, data_files
+    if world.is_main:
+        layout.write_status(run_dir, "running", new_attempt=True, step=state.step, total_steps=total_steps)
+    run_log = RunLog(run_dir, total_steps, start_step=state.step, show_progress=show_progress, write=world.is_main,
+                     trackers=start_trackers(t.report_to, run_dir, cfg.to_dict(), state.step) if world.is_main else [])
+    run_log.log({"event": "resume" if resume_from else "start", "step": state.step, "total_steps": total_steps,
+                 "train_examples": len(data.train), "val_examples": len(data.val), "device": device,
+                 "method": cfg.method, "processes": world.size, "distributed": world.mode,
+                 **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {})})
+    autocast_dtype = torch.bfloat16 if _use_bf16(t.dtype, device) else None
+    return Run(cfg, run_dir, world, device, autocast_dtype, tokenizer, data, model, loss_module, optimizer,
+               [p for p in model.parameters() if p.requires_grad], lengths, step_plan, pool_of, total_steps,
+               config_text, resume_from, run_log, state, best_weights, first_step=state.step)
+
+
+def _prepare_model(cfg: RunConfig, device: str, world: distributed.World) -> torch.nn.Module:
+    """load -> method -> memory and speed options: the model the optimizer will train."""
     model = load_base_model(cfg, device)  # 4-bit for qlora, float32 otherwise
     model = apply_method(model, cfg)
     if cfg.train.gradient_checkpointing:
@@ -153,204 +243,125 @@ def _train(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
             layer.compile(dynamic=True)
     if world.is_main:
         log.info("%s", parameter_report(model))
-    state, best_state, loaded = TrainerState(), None, None
-    if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from)
-        # Into the whole model, before FSDP shards it: every rank reads the same checkpoint.
-        ckpt.load_trainable_state(model, loaded["weights"])
-    loss_module = distributed.wrap(world, AnswerTokenLossSum(model), device)
-    optimizer = build_optimizer(model, cfg.train)  # after wrapping: under FSDP it holds the shards
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model
 
-    t = cfg.train
-    lengths = [len(ex.input_ids) for ex in data.train]
-    # One plan for the whole world: a global step is grad_accum micro-batches per rank.
-    step_plan = StepPlan(t.batch_size, t.grad_accum * world.size, t.tokens_per_batch, cfg.data.packing,
-                         cfg.data.group_by_length, t.seed)
-    pool_of = None  # one source: every example once per epoch
-    if isinstance(cfg.data.train, list):
-        shares = plan_shares(data_sources(cfg.data.train), [ex.origin for ex in data.train])
-        pool_of = lambda epoch: epoch_pool(shares, t.seed, epoch)  # noqa: E731
-        if world.is_main:
-            log.info("data mix per epoch: %s", describe(shares))
-    total_steps = t.max_steps or steps_in_epochs(lengths, step_plan, t.epochs, pool_of)
-    pad_id = tokenizer.pad_token_id
-    if loaded is not None:
-        state, best_state = _restore(loaded, resume_from, world, loss_module, optimizer)
-        if world.is_main:
-            truncate_metrics(run_dir, state.step)
-            log.info("resuming from %s (step %d of %d)", resume_from, state.step, total_steps)
-    elif world.is_main:
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh metrics file
-    state.world_size = world.size
-    if world.is_main:
-        write_status(run_dir, "running", new_attempt=True, step=state.step, total_steps=total_steps)
-    tracker = Tracker(run_dir, total_steps, start_step=state.step, show_progress=show_progress,
-                      write=world.is_main,
-                      trackers=start_trackers(t.report_to, run_dir, cfg.to_dict(), state.step) if world.is_main else [])
-    tracker.log({"event": "resume" if resume_from else "start", "step": state.step, "total_steps": total_steps,
-                 "train_examples": len(data.train), "val_examples": len(data.val), "device": device,
-                 "method": cfg.method, "processes": world.size, "distributed": world.mode,
-                 **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {})})
 
-    def validate() -> Evaluation:
-        """Validation loss (overall and per source), the generation metric if asked for, and the score that "best"
-        follows (lower is better)."""
-        overall, by_source = validation_by_source(model, data.val, t.batch_size, cfg.data.packing, pad_id, device,
-                                                  autocast_dtype, world, loss_module)
-        record = {"step": state.step, "val_loss": overall,
-                  **({"val_loss_by_source": by_source} if len(by_source) > 1 or guard else {})}
-        shown = "".join(f", {name} {loss:.4f}" for name, loss in by_source.items()) if len(by_source) > 1 else ""
-        score = overall
-        if t.eval_metric:
-            # What the model writes, not only how well it predicts the reference: the two can disagree. (The one
-            # place the loop reaches into eval/: generation and metrics live there for `tuneforge eval` too.)
-            from tuneforge.eval.during_training import sample_metric
+def find_resume_point(cfg: RunConfig, run_dir: Path, data_files: dict[str, str]) -> Path | None:
+    """The checkpoint to continue, or None for a fresh start; refused (one line naming the key or the file) when
+    this run's settings or data would not continue the checkpoint's run."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if cfg.train.resume == "never":
+        if latest is not None:
+            raise ConfigError(
+                f"output_dir {run_dir} already holds checkpoints of an earlier run ({latest.name}); pass --resume "
+                f"(train.resume=auto) to continue it, or choose another output_dir")
+        return None
+    if latest is None:
+        log.info("no checkpoint in %s: starting from step 0", run_dir)
+        return None
+    refused, allowed = resume_differences(layout.read_config(latest) or {}, cfg.to_dict())
+    if refused:
+        key, before, now = refused[0]
+        raise ConfigError(f"resume: {key} is {now!r} but checkpoint {latest.name} was trained with {before!r}; "
+                          f"use the same {key} or another output_dir")
+    edited = changed_data_files(ckpt.read_trainer_state(latest).get("data_files", {}), data_files)
+    if edited:
+        raise ConfigError(f"resume: data file {edited[0]} changed since checkpoint {latest.name} was written (its "
+                          f"content hash differs); restore it, or train afresh in another output_dir")
+    for key, before, now in allowed:
+        log.info("resume: %s changed from %r to %r (allowed)", key, before, now)
+    return latest
 
-            value = sample_metric(model, tokenizer, data.val_rows, t.eval_metric, t.eval_metric_sample,
-                                  t.eval_metric_max_new_tokens, seed=t.seed, batch_size=t.batch_size)
-            record[f"val_{t.eval_metric}"] = value
-            shown += f", {t.eval_metric} {value:.4f}"
-            if t.early_stopping_metric == "eval_metric":
-                score = -value
-        tracker.log(record)
-        tracker.message(f"step {state.step}: val_loss {overall:.4f}{shown}")
-        return Evaluation(state.step, overall, by_source, score)
 
-    guard = t.guard.source
-    if guard and not any(ex.origin == guard for ex in data.val):
-        raise DataError(f"train.guard.source: no validation examples of {guard!r} are left after tokenization")
-    keep_best = bool(t.early_stopping_patience or guard)
-    if guard and state.guard_baseline is None:
-        # The forgetting guard measures against the model before any update; that model is also the fallback "best".
-        baseline = validate()
-        state.best_val, state.best_score = baseline.val_loss, baseline.score
-        state.guard_baseline = baseline.by_source[guard]
-        best_state = distributed.gather_trainable(world, model, loss_module)
+def _restore(loaded: dict, path: Path, world: distributed.World, loss_module,
+             optimizer) -> tuple[TrainerState, dict | None]:
+    """The optimizer, schedule and data position, RNG and best-so-far of a checkpoint (weights are already in)."""
+    saved_world = loaded["state"].get("world_size", 1)
+    if saved_world != world.size:
+        raise ConfigError(f"resume: checkpoint {path.name} was trained by {saved_world} process(es), this run has "
+                          f"{world.size}; a step's data depends on it, so resume with {saved_world}")
+    distributed.load_optimizer(world, loss_module, optimizer, loaded["optimizer"])
+    fields = {k: v for k, v in loaded["state"].items() if k in TrainerState.__dataclass_fields__}
+    ckpt.restore_rng(loaded["rng"], loaded["state"])
+    distributed.restore_rng(world, loaded["rng"])
+    return TrainerState(**fields), loaded["best_weights"]
 
-    def checkpoint() -> Path:
-        # Every rank takes part in gathering (FSDP shards, RNG states); rank 0 writes; the others wait for it.
-        weights = distributed.gather_trainable(world, model, loss_module)
-        optimizer_state = distributed.gather_optimizer(world, loss_module, optimizer)
-        rank_rng = distributed.gather_rng(world)
-        saved = ckpt.checkpoints_root(run_dir) / ckpt.checkpoint_name(state.step)
-        if world.is_main:
-            saved = ckpt.save_checkpoint(run_dir, state.step, weights, optimizer_state, asdict(state), config_text,
-                                         t.keep_last, best_state, rank_rng)
-            tracker.log({"step": state.step, "checkpoint": saved.name})
-            write_status(run_dir, "running", step=state.step, total_steps=total_steps)
-        distributed.barrier(world)
-        return saved
 
-    stopped_early, first_step = False, state.step
-    loss_module.train()
-    with StopRequests() as stop, tracker:  # the tracker closes (W&B and MLflow runs end) however the loop ends
-        while state.step < total_steps and not stopped_early:
-            plan = epoch_steps(lengths, step_plan, state.epoch, pool_of(state.epoch) if pool_of else None)
-            # On resume the first `step_in_epoch` steps of this epoch were already taken: the data position.
-            for micro_batches in plan[state.step_in_epoch:]:
-                if state.step >= total_steps:
-                    break
-                started = time.perf_counter()
-                lr = lr_at(state.step, total_steps, t)
-                set_lr(optimizer, lr)
-                batches = [collate([data.train[i] for i in mb], cfg.data.packing, pad_id)
-                           for mb in distributed.my_share(world, micro_batches)]
-                # The loss divisor: answer tokens of the whole global step, summed over ranks before any backward.
-                step_targets = int(distributed.all_reduce_sum(world, [sum(b.num_targets for b in batches)])[0])
-                passes = distributed.share_count(world, len(micro_batches))
-                # A rank left without micro-batches in a short last step still runs a pass (weighted 0).
-                filler = batches[0] if batches else collate([data.train[i] for i in micro_batches[0]],
-                                                            cfg.data.packing, pad_id)
-                step_loss = accumulate_gradients(loss_module, batches, device, autocast_dtype, step_targets, passes,
-                                                 world, filler)
-                max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
-                grad_norm = distributed.total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-                # One all-reduce per step: the step's loss over all ranks, and whether any rank got a stop signal.
-                step_loss, stop_votes = distributed.all_reduce_sum(world, [step_loss, float(stop.requested)])
-                stop_requested = stop_votes > 0
-                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-                if finite:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if state.step == first_step:  # optimizer state exists from the first update on
-                    tracker.log({"step": state.step + 1,
-                                 "memory_per_process": distributed.memory_per_rank(world, model, optimizer)})
-                state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-                elapsed = time.perf_counter() - started
-                tokens = sum(b.num_tokens for b in batches) * world.size  # this rank's tokens, scaled to the world
-                tracker.step(step_loss, lr, tokens / elapsed)
-                if finite:
-                    state.bad_steps, state.last_loss = 0, step_loss
-                    _check_loss_spike(state, step_loss, t, run_dir)
-                    if state.step % t.log_every == 0 or state.step == total_steps:
-                        tracker.log({"step": state.step, "epoch": state.epoch, "loss": step_loss, "lr": lr,
-                                     "grad_norm": grad_norm, "tokens": tokens, "target_tokens": step_targets,
-                                     "tokens_per_s": tokens / elapsed, "step_time_s": elapsed})
-                else:
-                    # A NaN/Inf step changes nothing: its update is skipped, the data and schedule move on.
-                    state.bad_steps += 1
-                    tracker.log({"step": state.step, "skipped_step": True, "loss": _json_float(step_loss),
-                                 "grad_norm": _json_float(grad_norm), "lr": lr})
-                    tracker.message(f"step {state.step}: non-finite loss or gradient norm, update skipped "
-                                    f"({state.bad_steps} in a row)")
-                    if state.bad_steps > t.max_bad_steps:
-                        raise TrainingStopped(
-                            f"stopped at step {state.step}: {state.bad_steps} non-finite steps in a row "
-                            f"(train.max_bad_steps={t.max_bad_steps}); no NaN weights were saved; last checkpoint: "
-                            f"{ckpt.latest_checkpoint(run_dir) or 'none'}")
+def take_guard_baseline(run: Run) -> None:
+    """The forgetting guard measures against the model before any update; that model is also the fallback "best".
+    A resumed run has its baseline in the checkpoint."""
+    guard = run.cfg.train.guard.source
+    if not guard or run.state.guard_baseline is not None:
+        return
+    baseline = evaluate(run)
+    run.state.best_val, run.state.best_score = baseline.val_loss, baseline.score
+    run.state.guard_baseline = baseline.by_source[guard]
+    run.best_weights = distributed.gather_trainable(run.world, run.model, run.loss_module)
 
-                if data.val and (state.step == total_steps or (t.eval_every and state.step % t.eval_every == 0)):
-                    evaluation = validate()
-                    state.val_loss = evaluation.val_loss
-                    verdict = judge(state, evaluation, t)
-                    if verdict.record:
-                        tracker.log(verdict.record)
-                    if verdict.stop_message:
-                        tracker.message(verdict.stop_message)
-                        stopped_early = True
-                    if verdict.improved and keep_best:
-                        best_state = distributed.gather_trainable(world, model, loss_module)
-                save_due = state.step == total_steps or (t.save_every and state.step % t.save_every == 0)
-                if save_due or stopped_early or stop_requested:
-                    saved = checkpoint()
-                if stop_requested:
-                    tracker.close()
-                    raise Preempted(f"stopped by signal at step {state.step}; checkpoint {saved}; "
-                                    f"continue with: tuneforge train {run_dir / 'config.yaml'} --resume")
-                if stopped_early:
-                    break
-            else:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    tracker.close()
 
-    if stopped_early and best_state is not None:
-        # Under FSDP only rank 0 gathered the best weights: it spreads them to the others' shards.
-        distributed.load_trainable(world, model, loss_module, best_state)
-        state.val_loss = state.best_val
-    if cfg.data.packing:
-        use_standard_attention(model)  # what is saved must generate with ordinary attention
-    meta = {"base_model": cfg.model, "method": cfg.method, "tuneforge_version": __version__, "steps": state.step,
-            "val_loss": state.val_loss, "train_loss": _json_float(state.last_loss)}
-    full_state = distributed.gather_full_model(world, loss_module)  # FSDP: the shards, gathered on rank 0
-    memory = distributed.memory_per_rank(world, model, optimizer)
-    with distributed.root_unsharded(world, loss_module):
-        if world.is_main:
-            ckpt.save_output(model, tokenizer, run_dir, meta, full_state)
-        distributed.barrier(world)
-    if world.is_main:
-        tracker.log({"event": "end", "step": state.step, "final_val_loss": state.val_loss,
-                     "stopped_early": stopped_early, "memory_per_process": memory})
-        write_status(run_dir, "finished", step=state.step, total_steps=total_steps, val_loss=state.val_loss,
-                     stopped_early=stopped_early)
-        try:
-            plot_losses(run_dir)
-        except OSError as exc:  # the curve is a convenience; the weights are already safe on disk
-            log.warning("could not write the loss plot: %s", exc)
-        log.info("saved %s output to %s", cfg.method, run_dir)
-    distributed.barrier(world)
-    return TrainResult(run_dir, state.step, state.last_loss, state.val_loss, state.best_val, stopped_early,
-                       model.eval())
+# ---------------------------------------------------------------------------------------------------------------------
+# The steps of one epoch.
+
+
+def train_epoch(run: Run, stop: StopRequests) -> None:
+    """The rest of the current epoch's steps (all of them, unless resumed mid-epoch), each followed by the
+    evaluations and checkpoints that are due; ends early at the last step, at early stopping or at a stop signal."""
+    state = run.state
+    plan = epoch_steps(run.lengths, run.step_plan, state.epoch, run.pool_of(state.epoch) if run.pool_of else None)
+    # On resume the first `step_in_epoch` steps of this epoch were already taken: the data position.
+    for micro_batches in plan[state.step_in_epoch:]:
+        if state.step >= run.total_steps:
+            return
+        result = optimizer_step(run, micro_batches, stop)
+        record_step(run, result)
+        if run.data.val and (state.step == run.total_steps or (run.cfg.train.eval_every
+                                                               and state.step % run.cfg.train.eval_every == 0)):
+            _act_on_evaluation(run, evaluate(run))
+        t = run.cfg.train
+        save_due = state.step == run.total_steps or (t.save_every and state.step % t.save_every == 0)
+        if save_due or run.stopped_early or result.stop_requested:
+            saved = save_checkpoint(run)
+        if result.stop_requested:
+            run.log.close()
+            raise Preempted(f"stopped by signal at step {state.step}; checkpoint {saved}; "
+                            f"continue with: tuneforge train {layout.config_path(run.run_dir)} --resume")
+        if run.stopped_early:
+            return
+    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+
+
+def optimizer_step(run: Run, micro_batches: list[list[int]], stop: StopRequests) -> StepResult:
+    """One optimizer step over a global step's micro-batches: forward/backward on this rank's share, clip, update
+    (skipped when the loss or gradient is not finite)."""
+    world, state, t = run.world, run.state, run.cfg.train
+    started = time.perf_counter()
+    lr = lr_at(state.step, run.total_steps, t)
+    set_lr(run.optimizer, lr)
+    packing, pad_id = run.cfg.data.packing, run.tokenizer.pad_token_id
+    batches = [collate([run.data.train[i] for i in mb], packing, pad_id)
+               for mb in distributed.my_share(world, micro_batches)]
+    # The loss divisor: answer tokens of the whole global step, summed over ranks before any backward.
+    step_targets = int(distributed.all_reduce_sum(world, [sum(b.num_targets for b in batches)])[0])
+    passes = distributed.share_count(world, len(micro_batches))
+    # A rank left without micro-batches in a short last step still runs a pass (weighted 0).
+    filler = batches[0] if batches else collate([run.data.train[i] for i in micro_batches[0]], packing, pad_id)
+    step_loss = accumulate_gradients(run.loss_module, batches, run.device, run.autocast_dtype, step_targets, passes,
+                                     world, filler)
+    max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
+    grad_norm = distributed.total_norm(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm))
+    # One all-reduce per step: the step's loss over all ranks, and whether any rank got a stop signal.
+    step_loss, stop_votes = distributed.all_reduce_sum(world, [step_loss, float(stop.requested)])
+    result = StepResult(step_loss, grad_norm, lr, sum(b.num_tokens for b in batches) * world.size, step_targets,
+                        0.0, stop_votes > 0)  # tokens: this rank's, scaled to the world
+    if result.finite:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if state.step == run.first_step:  # optimizer state exists from the first update on
+        run.log.log({"step": state.step + 1,
+                     "memory_per_process": distributed.memory_per_rank(world, run.model, run.optimizer)})
+    state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def accumulate_gradients(loss_module, batches, device: str, autocast_dtype, step_targets: int | None = None,
@@ -380,39 +391,29 @@ def accumulate_gradients(loss_module, batches, device: str, autocast_dtype, step
     return step_loss
 
 
-def _find_resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
-    latest = ckpt.latest_checkpoint(run_dir)
-    if cfg.train.resume == "never":
-        if latest is not None:
-            raise ConfigError(
-                f"output_dir {run_dir} already holds checkpoints of an earlier run ({latest.name}); pass --resume "
-                f"(train.resume=auto) to continue it, or choose another output_dir")
-        return None
-    if latest is None:
-        log.info("no checkpoint in %s: starting from step 0", run_dir)
-        return None
-    saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8"))
-    current = cfg.to_dict()
-    for key in RESUME_MUST_MATCH:
-        before, now = _dotted(saved, key), _dotted(current, key)
-        if before != now:
-            raise ConfigError(f"resume: {key} is {now!r} but checkpoint {latest.name} was trained with {before!r}; "
-                              f"use the same {key} or another output_dir")
-    return latest
-
-
-def _restore(loaded: dict, path: Path, world: distributed.World, loss_module,
-             optimizer) -> tuple[TrainerState, dict | None]:
-    """The optimizer, schedule and data position, RNG and best-so-far of a checkpoint (weights are already in)."""
-    saved_world = loaded["state"].get("world_size", 1)
-    if saved_world != world.size:
-        raise ConfigError(f"resume: checkpoint {path.name} was trained by {saved_world} process(es), this run has "
-                          f"{world.size}; a step's data depends on it, so resume with {saved_world}")
-    distributed.load_optimizer(world, loss_module, optimizer, loaded["optimizer"])
-    fields = {k: v for k, v in loaded["state"].items() if k in TrainerState.__dataclass_fields__}
-    ckpt.restore_rng(loaded["rng"], loaded["state"])
-    distributed.restore_rng(world, loaded["rng"])
-    return TrainerState(**fields), loaded["best_weights"]
+def record_step(run: Run, result: StepResult) -> None:
+    """The step's metrics line and progress bar; the NaN guard and the loss-spike guard."""
+    state, t = run.state, run.cfg.train
+    run.log.step(result.loss, result.lr, result.tokens / result.seconds)
+    if result.finite:
+        state.bad_steps, state.last_loss = 0, result.loss
+        _check_loss_spike(state, result.loss, t, run.run_dir)
+        if state.step % t.log_every == 0 or state.step == run.total_steps:
+            run.log.log({"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": result.lr,
+                         "grad_norm": result.grad_norm, "tokens": result.tokens, "target_tokens": result.targets,
+                         "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds})
+        return
+    # A NaN/Inf step changes nothing: its update is skipped, the data and schedule move on.
+    state.bad_steps += 1
+    run.log.log({"step": state.step, "skipped_step": True, "loss": _json_float(result.loss),
+                 "grad_norm": _json_float(result.grad_norm), "lr": result.lr})
+    run.log.message(f"step {state.step}: non-finite loss or gradient norm, update skipped ({state.bad_steps} in a "
+                    f"row)")
+    if state.bad_steps > t.max_bad_steps:
+        raise TrainingStopped(
+            f"stopped at step {state.step}: {state.bad_steps} non-finite steps in a row "
+            f"(train.max_bad_steps={t.max_bad_steps}); no NaN weights were saved; last checkpoint: "
+            f"{ckpt.latest_checkpoint(run.run_dir) or 'none'}")
 
 
 def _check_loss_spike(state: TrainerState, loss: float, t, run_dir: Path) -> None:
@@ -429,11 +430,115 @@ def _check_loss_spike(state: TrainerState, loss: float, t, run_dir: Path) -> Non
     state.recent_losses = (state.recent_losses + [loss])[-SPIKE_WINDOW:]
 
 
-def _dotted(tree: dict, key: str):
-    node = tree
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluate and checkpoint.
+
+
+def evaluate(run: Run) -> Evaluation:
+    """Validation loss (overall and per source), the generation metric if asked for, and the score that "best"
+    follows (lower is better)."""
+    t, state = run.cfg.train, run.state
+    overall, by_source = validation_by_source(run.model, run.data.val, t.batch_size, run.cfg.data.packing,
+                                              run.tokenizer.pad_token_id, run.device, run.autocast_dtype, run.world,
+                                              run.loss_module)
+    record = {"step": state.step, "val_loss": overall,
+              **({"val_loss_by_source": by_source} if len(by_source) > 1 or t.guard.source else {})}
+    shown = "".join(f", {name} {loss:.4f}" for name, loss in by_source.items()) if len(by_source) > 1 else ""
+    score = overall
+    if t.eval_metric:
+        # What the model writes, not only how well it predicts the reference: the two can disagree. (The one place
+        # the loop reaches into eval/: generation and metrics live there for `tuneforge eval` too.)
+        from tuneforge.eval.during_training import sample_metric
+
+        value = sample_metric(run.model, run.tokenizer, run.data.val_rows, t.eval_metric, t.eval_metric_sample,
+                              t.eval_metric_max_new_tokens, seed=t.seed, batch_size=t.batch_size)
+        record[f"val_{t.eval_metric}"] = value
+        shown += f", {t.eval_metric} {value:.4f}"
+        if t.early_stopping_metric == "eval_metric":
+            score = -value
+    run.log.log(record)
+    run.log.message(f"step {state.step}: val_loss {overall:.4f}{shown}")
+    return Evaluation(state.step, overall, by_source, score)
+
+
+def _act_on_evaluation(run: Run, evaluation: Evaluation) -> None:
+    """What `judge` decided: keep these weights as the best, and whether the run stops here."""
+    run.state.val_loss = evaluation.val_loss
+    verdict = judge(run.state, evaluation, run.cfg.train)
+    if verdict.record:
+        run.log.log(verdict.record)
+    if verdict.stop_message:
+        run.log.message(verdict.stop_message)
+        run.stopped_early = True
+    if verdict.improved and (run.cfg.train.early_stopping_patience or run.cfg.train.guard.source):
+        run.best_weights = distributed.gather_trainable(run.world, run.model, run.loss_module)
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Every rank takes part in gathering (FSDP shards, RNG states); rank 0 writes; the others wait for it."""
+    world, state = run.world, run.state
+    weights = distributed.gather_trainable(world, run.model, run.loss_module)
+    optimizer_state = distributed.gather_optimizer(world, run.loss_module, run.optimizer)
+    rank_rng = distributed.gather_rng(world)
+    saved = layout.checkpoint_dir(run.run_dir, state.step)
+    if world.is_main:
+        saved = ckpt.save_checkpoint(run.run_dir, state.step, weights, optimizer_state, asdict(state),
+                                     run.config_text, run.cfg.train.keep_last, run.best_weights, rank_rng)
+        run.log.log({"step": state.step, "checkpoint": saved.name})
+        layout.write_status(run.run_dir, "running", step=state.step, total_steps=run.total_steps)
+    distributed.barrier(world)
+    return saved
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finish: the best weights back in, the output saved, the status final.
+
+
+def finish(run: Run) -> TrainResult:
+    world, state, model = run.world, run.state, run.model
+    if run.stopped_early and run.best_weights is not None:
+        # Under FSDP only rank 0 gathered the best weights: it spreads them to the others' shards.
+        distributed.load_trainable(world, model, run.loss_module, run.best_weights)
+        state.val_loss = state.best_val
+    if run.cfg.data.packing:
+        use_standard_attention(model)  # what is saved must generate with ordinary attention
+    meta = {"base_model": run.cfg.model, "method": run.cfg.method, "tuneforge_version": __version__,
+            "steps": state.step, "val_loss": state.val_loss, "train_loss": _json_float(state.last_loss)}
+    full_state = distributed.gather_full_model(world, run.loss_module)  # FSDP: the shards, gathered on rank 0
+    memory = distributed.memory_per_rank(world, model, run.optimizer)
+    with distributed.root_unsharded(world, run.loss_module):
+        if world.is_main:
+            ckpt.save_output(model, run.tokenizer, run.run_dir, meta, full_state)
+        distributed.barrier(world)
+    if world.is_main:
+        run.log.log({"event": "end", "step": state.step, "final_val_loss": state.val_loss,
+                     "stopped_early": run.stopped_early, "memory_per_process": memory})
+        layout.write_status(run.run_dir, "finished", step=state.step, total_steps=run.total_steps,
+                            val_loss=state.val_loss, stopped_early=run.stopped_early)
+        try:
+            plot_losses(run.run_dir)
+        except OSError as exc:  # the curve is a convenience; the weights are already safe on disk
+            log.warning("could not write the loss plot: %s", exc)
+        log.info("saved %s output to %s", run.cfg.method, run.run_dir)
+    distributed.barrier(world)
+    return TrainResult(run.run_dir, state.step, state.last_loss, state.val_loss, state.best_val, run.stopped_early,
+                       model.eval())
+
+
+def _record_failed_attempt(run_dir: Path, exc: BaseException) -> None:
+    """status.json says how this attempt ended: 'stopped' (a signal or Ctrl-C: resumable) or 'failed' (with the
+    error's line). Only a status this process wrote is changed: an error before the run started leaves an earlier
+    run's status as it was."""
+    status = layout.read_status(run_dir)
+    if status is None or status.get("pid") != os.getpid() or status.get("state") != "running":
+        return
+    stopped = isinstance(exc, (Preempted, KeyboardInterrupt))
+    error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    try:
+        layout.write_status(run_dir, "stopped" if stopped else "failed",
+                            error=error.splitlines()[0] if error else None)
+    except OutputWriteError:
+        pass  # the disk that failed the run may fail this too; the original error is what the user must see
 
 
 def _json_float(value: float) -> float | str:

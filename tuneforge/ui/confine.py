@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-CONFIG_FILE = "config.yaml"
+from tuneforge.run_dir import is_run
 
 
 class PathRefused(Exception):
@@ -31,7 +31,7 @@ def run_dir(runs_root: Path, name: str) -> Path:
     resolved = (root / given).resolve()
     if not resolved.is_relative_to(root) or resolved == root:
         raise PathRefused(404, f"run {name!r}: no such run")
-    if not (resolved / CONFIG_FILE).is_file():
+    if not is_run(resolved):
         raise PathRefused(404, f"run {name!r}: no such run")
     return resolved
 

@@ -13,8 +13,9 @@ import csv
 from pathlib import Path
 
 from tuneforge.errors import UserError
+from tuneforge.run_dir import REVIEWS_DIR, reviews_dir
 from tuneforge.ui.review_stats import CRITERIA
-from tuneforge.ui.review_store import (REVIEW_FILE, REVIEWS_DIR, append_ratings, blind_items, latest_ratings,
+from tuneforge.ui.review_store import (REVIEW_FILE, append_ratings, blind_items, latest_ratings,
                                        load_review, positions_to_line, score_problem)
 
 SCORE_COLUMNS = [f"{criterion}_{position}" for position in (1, 2) for criterion in CRITERIA]
@@ -25,7 +26,7 @@ def find_review(run_or_review: Path) -> Path:
     """The review folder: `run_or_review` itself, or the newest review of the run directory it names."""
     if (run_or_review / REVIEW_FILE).is_file():
         return run_or_review.resolve()
-    reviews = sorted((run_or_review / REVIEWS_DIR).glob(f"*/{REVIEW_FILE}"))
+    reviews = sorted(reviews_dir(run_or_review).glob(f"*/{REVIEW_FILE}"))
     if not reviews:
         raise UserError(f"{run_or_review}: neither a review folder (with {REVIEW_FILE}) nor a run with reviews "
                         f"under {REVIEWS_DIR}/ (start one in `tuneforge ui`)")

@@ -17,11 +17,10 @@ from pathlib import Path
 
 from tuneforge.data.atomic_write import atomic_text_writer
 from tuneforge.errors import UserError
-from tuneforge.train.tracking import read_jsonl
+from tuneforge.run_dir import REVIEWS_DIR, read_jsonl, reviews_dir
 from tuneforge.ui.confine import child_name
 from tuneforge.ui.review_stats import CRITERIA, SYSTEMS, latest_per_prompt
 
-REVIEWS_DIR = "reviews"
 REVIEW_FILE = "review.json"
 RATINGS_FILE = "ratings.jsonl"
 
@@ -29,12 +28,12 @@ _append_lock = threading.Lock()  # one writer at a time per process: lines never
 
 
 def review_dir(run: Path, review_id: str) -> Path:
-    return run / REVIEWS_DIR / child_name(review_id, "review")
+    return reviews_dir(run) / child_name(review_id, "review")
 
 
 def list_reviews(run: Path) -> list[dict]:
     reviews = []
-    for path in sorted((run / REVIEWS_DIR).glob(f"*/{REVIEW_FILE}"), reverse=True):
+    for path in sorted(reviews_dir(run).glob(f"*/{REVIEW_FILE}"), reverse=True):
         review = json.loads(path.read_text(encoding="utf-8"))
         reviews.append({key: review[key] for key in ("id", "created", "state", "systems", "source")} |
                        {"prompts": len(review["items"]), "rated": len(latest_ratings(path.parent))})

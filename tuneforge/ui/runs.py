@@ -16,9 +16,9 @@ from pathlib import Path
 import yaml
 
 from tuneforge.config import dotted_items
-from tuneforge.model.trained import read_run_meta
-from tuneforge.train.tracking import STATUS_FILE, read_json_object, read_metrics, read_status
-from tuneforge.ui.confine import CONFIG_FILE, run_name
+from tuneforge import run_dir as layout
+from tuneforge.run_dir import read_json_object, read_meta, read_metrics, read_status
+from tuneforge.ui.confine import run_name
 
 # A run on another host can't be checked by pid: without an update for this long it is presumed dead.
 REMOTE_STALE_S = 300
@@ -42,7 +42,7 @@ def find_runs(runs_root: Path) -> list[Path]:
         return found
     for current, dirs, files in os.walk(root):
         depth = len(Path(current).relative_to(root).parts)
-        if CONFIG_FILE in files and depth > 0:
+        if layout.CONFIG_FILE in files and depth > 0:
             found.append(Path(current))
             dirs[:] = []
         elif depth >= MAX_DEPTH:
@@ -53,16 +53,14 @@ def find_runs(runs_root: Path) -> list[Path]:
 
 
 def _last_activity(run: Path) -> float:
-    return max((p.stat().st_mtime for p in (run / "metrics.jsonl", run / STATUS_FILE, run / CONFIG_FILE)
-                if p.exists()), default=0.0)
+    return max((p.stat().st_mtime for p in layout.status_mtime_paths(run) if p.exists()), default=0.0)
 
 
 def read_config(run: Path) -> dict:
     try:
-        loaded = yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8"))
+        return layout.read_config(run) or {}
     except (OSError, yaml.YAMLError):
         return {}
-    return loaded if isinstance(loaded, dict) else {}
 
 
 def run_state(run: Path, records: list[dict]) -> dict:
@@ -101,7 +99,7 @@ def _still_running(status: dict) -> bool:
 def eval_scores(run: Path) -> dict[str, float]:
     """Scores of the run itself from `tuneforge eval RUN --out <run>/<dir>` reports kept inside the run directory."""
     scores: dict[str, float] = {}
-    for summary_file in sorted(run.glob("*/summary.json")):
+    for summary_file in layout.eval_summaries(run):
         models = (read_json_object(summary_file) or {}).get("models", {})
         own = models.get("tuned") or models.get("model") or {}
         for metric, value in (own.get("scores") or {}).items():
@@ -111,7 +109,7 @@ def eval_scores(run: Path) -> dict[str, float]:
 
 
 def base_model(run: Path, config: dict) -> str:
-    meta = read_run_meta(run) or {}
+    meta = read_meta(run) or {}
     return str(meta.get("base_model") or config.get("model") or "")
 
 
@@ -133,7 +131,7 @@ def run_summary(runs_root: Path, run: Path) -> dict:
         "best_val_loss": min(val_losses) if val_losses else None,
         "last_loss": train_losses[-1] if train_losses else None,
         "eval": eval_scores(run),
-        "has_weights": read_run_meta(run) is not None,
+        "has_weights": read_meta(run) is not None,
         "updated": _last_activity(run),
     }
 
