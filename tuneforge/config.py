@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from tuneforge.errors import ConfigError
-from tuneforge.method_registry import METHOD_NAMES, method_help, method_named
+from tuneforge.method_registry import METHOD_NAMES, REGISTRY, method_help, method_named
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -575,10 +575,16 @@ def resume_marks(cls: type = None, prefix: str = "") -> dict[str, str]:
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
     """(refused, allowed): the keys whose value differs between a checkpoint's config and this run's, each as
     (key, checkpoint value, this run's value), split by their resume mark. A key the checkpoint's (older) config
-    does not have is not compared: its value then is unknown, not different."""
+    does not have is not compared: its value then is unknown, not different. A method change itself is refused
+    (`method` must match), so the sections of the other methods are not compared."""
     before, now = dotted_items(saved), dotted_items(current)
+    # Another method's settings section (prompt.* on a LoRA run) changes nothing this run computes.
+    all_sections = {section for m in REGISTRY for section in m.sections}
+    unused = all_sections - set(method_named(current["method"]).sections) if current.get("method") else set()
     refused, allowed = [], []
     for key, mark in resume_marks().items():
+        if key.split(".", 1)[0] in unused:
+            continue
         if key in before and before[key] != now.get(key):
             (refused if mark == MUST_MATCH else allowed).append((key, before[key], now.get(key)))
     return refused, allowed

@@ -1,4 +1,5 @@
-"""End to end on the embedded default (SmolLM2-135M-Instruct): a short LoRA run teaches the demo task's answer format.
+"""End to end on the embedded default (SmolLM2-135M-Instruct): a short LoRA run (the session's shared `demo_run`,
+tests/conftest.py) teaches the demo task's answer format.
 
 Held-out exact match goes from near 0 (untuned) to high, and the adapter on disk loads with plain PEFT and gives the
 same logits as tuneforge's in-memory model.
@@ -12,24 +13,11 @@ import pytest
 import torch
 
 from tests.conftest import EMBEDDED, ROOT, write_jsonl
-from tuneforge.config import load_config
 from tuneforge.eval.compare import evaluate_model, prompts_and_references
-from tuneforge.train.loop import train
 
 pytestmark = pytest.mark.e2e
 
-TRAIN = ROOT / "examples" / "demo" / "train.jsonl"
 TEST = ROOT / "examples" / "demo" / "test.jsonl"
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    rows = [json.loads(line) for line in TRAIN.read_text().splitlines()][:192]
-    data = write_jsonl(tmp / "train.jsonl", rows)
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.train={data}", f"output_dir={tmp / 'run'}",
-                                                       "data.val_split=0", "train.epochs=1", "train.eval_every=0"])
-    return train(cfg, show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ with the official `openai` client: chat, streaming, the adapter by name against 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -18,32 +17,22 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import EMBEDDED, ROOT, free_port, wait_until_serving, write_jsonl
+from tests.conftest import EMBEDDED, ROOT, free_port, wait_until_serving
 from tests.unit.test_export_gguf import (LLAMA_CPP_RUNNER, assert_llama_cpp_matches, llama_cpp_greedy,
                                          needs_llama_cpp, transformers_greedy)
 
 pytestmark = pytest.mark.e2e
 
-TRAIN = ROOT / "examples" / "demo" / "train.jsonl"
 TEST = ROOT / "examples" / "demo" / "test.jsonl"
 KEY = "e2e-secret"
 ANSWER = re.compile(r"NAME=[^;]+; CITY=\S+")
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """20 optimizer steps of 4 rows: the loss is under 0.1 from about step 8, and the adapter answers in the demo
-    format. Packed like `make demo`, at half its batch size to keep this file within a few minutes."""
-    from tuneforge.config import load_config
-    from tuneforge.train.loop import train
-
-    tmp = tmp_path_factory.mktemp("deploy-e2e")
-    rows = [json.loads(line) for line in TRAIN.read_text().splitlines()][:80]
-    data = write_jsonl(tmp / "train.jsonl", rows)
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.train={data}", f"output_dir={tmp / 'run'}",
-                                                       "data.val_split=0", "train.epochs=1", "train.eval_every=0",
-                                                       "train.batch_size=4"])
-    return train(cfg, show_progress=False).run_dir
+def demo_dir(demo_run):
+    """The session's shared demo run (tests/conftest.py): the loss is under 0.1 from about step 8, and the adapter
+    answers in the demo format."""
+    return demo_run.run_dir
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +52,10 @@ def prompts(questions, tokenizer) -> list[tuple[str, list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def merged(demo_run, tmp_path_factory):
+def merged(demo_dir, tmp_path_factory):
     from tuneforge.deploy.merge import merge_run
 
-    return merge_run(demo_run, tmp_path_factory.mktemp("merged") / "demo-merged")
+    return merge_run(demo_dir, tmp_path_factory.mktemp("merged") / "demo-merged")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +83,7 @@ def gguf_f32(merged, tmp_path_factory):
     return export_gguf(str(merged), tmp_path_factory.mktemp("gguf") / "demo-f32.gguf", "f32")
 
 
-def test_merged_logits_equal_adapter_on_base(demo_run, merged, merged_model, prompts):
+def test_merged_logits_equal_adapter_on_base(demo_dir, merged, merged_model, prompts):
     from peft import PeftModel
 
     from tuneforge.model.load import load_model
@@ -103,9 +92,9 @@ def test_merged_logits_equal_adapter_on_base(demo_run, merged, merged_model, pro
     ids = torch.tensor([prompts[0][1]])
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
-        adapter_logits = PeftModel.from_pretrained(base, demo_run).eval()(input_ids=ids).logits
+        adapter_logits = PeftModel.from_pretrained(base, demo_dir).eval()(input_ids=ids).logits
         merged_logits = merged_model(input_ids=ids).logits
-        peft_merged_logits = PeftModel.from_pretrained(base, demo_run).merge_and_unload()(input_ids=ids).logits
+        peft_merged_logits = PeftModel.from_pretrained(base, demo_dir).merge_and_unload()(input_ids=ids).logits
     # fp32 rounding of W + BA against W x + B(A x) over 30 layers: measured 1.7e-4 on logits up to 36 (the tiny
     # model in test_merge.py stays under 1e-4 absolute). Bit for bit what PEFT's own merge computes.
     assert (merged_logits - adapter_logits).abs().max() < 1e-4 * adapter_logits.abs().max()
@@ -158,13 +147,13 @@ def test_llama_cpp_answers_as_the_merged_model(gguf_f32, merged, greedy, prompts
 
 
 @pytest.fixture(scope="module")
-def served(demo_run, tmp_path_factory):
+def served(demo_dir, tmp_path_factory):
     """`tuneforge serve` in its own process: the embedded base with the run as adapter "demo"."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     port = free_port()
     with log.open("w") as out:  # a file, not a pipe: a pipe nobody reads would block the server once full
         process = subprocess.Popen(
-            [sys.executable, "-m", "tuneforge", "serve", "--model", EMBEDDED, "--adapter", f"demo={demo_run}",
+            [sys.executable, "-m", "tuneforge", "serve", "--model", EMBEDDED, "--adapter", f"demo={demo_dir}",
              "--port", str(port), "--api-key", KEY, "--max-tokens-limit", "32"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

@@ -6,6 +6,7 @@ own generation). Screenshots of the run, review and playground pages go to docs/
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import EMBEDDED, ROOT, write_jsonl
-from tests.conftest import serve_in_thread
-from tuneforge.config import load_config
-from tuneforge.train.loop import train
+from tests.conftest import DEMO_STEPS, EMBEDDED, ROOT, serve_in_thread, write_jsonl
 from tuneforge.run_dir import read_metrics
 from tuneforge.ui.app import create_app
 
@@ -29,21 +27,15 @@ LOSS_POINTS = "document.querySelector('svg.chart[data-title=\"loss\"]').dataset.
 TRAIN_LOSS_POINTS = "document.querySelector('path[data-name=\"train loss\"]').dataset.points"
 
 
-def tiny_run(tiny_model_dir, data_file, out: Path, *extra: str):
-    return load_config(None, [f"model={tiny_model_dir}", f"data.train={data_file}", "data.val_split=0.125",
-                              f"output_dir={out}", "train.batch_size=4", "train.lr=3e-3", "train.log_every=1",
-                              "train.warmup_ratio=0", *extra])
-
-
 @pytest.fixture(scope="module")
-def runs_root(tmp_path_factory) -> Path:
-    """runs/tuned: a finished LoRA run on the embedded SmolLM2-135M (for the review and the playground: a tiny random
-    model answers only whitespace, which would test and show nothing)."""
+def runs_root(tmp_path_factory, demo_run) -> Path:
+    """runs/tuned: a copy of the session's finished LoRA run on the embedded SmolLM2-135M (tests/conftest.py), for
+    the review and the playground: a tiny random model answers only whitespace, which would test and show nothing.
+    The review writes into it, so it is a copy."""
     root = tmp_path_factory.mktemp("ui-runs")
-    data = write_jsonl(root.parent / "train.jsonl", [{"instruction": f"Repeat the number {i % 7}.",
-                                                      "output": f"{i % 7} {i % 7} {i % 7}"} for i in range(48)])
-    train(tiny_run(EMBEDDED, data, root / "tuned", "train.max_steps=6", "train.eval_every=3", "train.lr=2e-3",
-                   "data.max_length=64"), show_progress=False)
+    write_jsonl(root.parent / "train.jsonl", [{"instruction": f"Repeat the number {i % 7}.",
+                                               "output": f"{i % 7} {i % 7} {i % 7}"} for i in range(48)])
+    shutil.copytree(demo_run.run_dir, root / "tuned")
     return root
 
 
@@ -63,7 +55,8 @@ def test_runs_list_shows_each_run_with_status_method_and_settings(page, ui_url):
     row = page.locator('tr[data-run="tuned"]')
     row.wait_for(timeout=WAIT_MS)
     text = row.inner_text()
-    for shown in ("finished", "smollm2-135m-instruct", "lora", "lr=0.002", "max_steps=6", "r=16", "6/6"):
+    for shown in ("finished", "smollm2-135m-instruct", "lora", "lr=0.0005", f"max_steps={DEMO_STEPS}", "r=16",
+                  f"{DEMO_STEPS}/{DEMO_STEPS}"):
         assert shown in text, (shown, text)
 
 
@@ -114,7 +107,7 @@ def test_compare_overlays_the_selected_runs_and_lists_config_differences(page, u
     page.locator('svg.chart[data-title="train loss"]').wait_for(timeout=WAIT_MS)
     paths = page.locator('svg.chart[data-title="train loss"] path.series')
     assert sorted(paths.nth(i).get_attribute("data-name") for i in range(2)) == ["live", "tuned"]
-    assert points(page, "train loss") == len([r for r in read_metrics(runs_root / "live") if "loss" in r]) + 6
+    assert points(page, "train loss") == len([r for r in read_metrics(runs_root / "live") if "loss" in r]) + DEMO_STEPS
     differences = page.locator("#differences").inner_text()
     assert "model" in differences and "train.max_steps" in differences and "output_dir" not in differences
 

@@ -102,7 +102,9 @@ def mixed(tiny_model_dir, files, out, *extra):
 
 
 def test_per_source_validation_losses_equal_separate_evaluations(tmp_path, tiny_model_dir, files, tokenizer):
-    result = train(load_config(overrides=mixed(tiny_model_dir, files, tmp_path / "run")), show_progress=False)
+    # 10 of the epoch's 40 steps, validated at 5 and 10: enough for two sets of per-source losses.
+    result = train(load_config(overrides=mixed(tiny_model_dir, files, tmp_path / "run", "train.max_steps=10")),
+                   show_progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     start = records[0]
     assert start["examples_per_epoch_by_source"] == {"task": 112, "general": 48}  # 0.7 / 0.3 of 40 + 120
@@ -120,11 +122,14 @@ def test_per_source_validation_losses_equal_separate_evaluations(tmp_path, tiny_
 
 
 def test_a_killed_mixed_run_resumes_the_same_sample_stream(tmp_path, tiny_model_dir, files):
-    reference = train(load_config(overrides=mixed(tiny_model_dir, files, tmp_path / "ref", "train.eval_every=0")),
+    # 12 of the epoch's 40 steps: the kill (micro-batch 8) lands mid-epoch, after the step-6 checkpoint, so the
+    # resumed run must redraw the same epoch's mixed sample and continue it at the right position.
+    short = ("train.eval_every=0", "train.max_steps=12")
+    reference = train(load_config(overrides=mixed(tiny_model_dir, files, tmp_path / "ref", *short)),
                       show_progress=False)
-    args = mixed(tiny_model_dir, files, tmp_path / "run", "train.eval_every=0", "train.save_every=3")
+    args = mixed(tiny_model_dir, files, tmp_path / "run", *short, "train.save_every=3")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    killed = subprocess.run([sys.executable, "-m", "tests.unit.fault_driver", "microbatch", "25", *args], cwd=ROOT,
+    killed = subprocess.run([sys.executable, "-m", "tests.unit.fault_driver", "microbatch", "8", *args], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = subprocess.run([sys.executable, "-m", "tests.unit.fault_driver", "slow", "0", *args,
@@ -133,7 +138,7 @@ def test_a_killed_mixed_run_resumes_the_same_sample_stream(tmp_path, tiny_model_
     ref = load_file(tmp_path / "ref" / "adapter_model.safetensors")
     got = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-6
-    assert reference.steps == 40  # 160 drawn examples an epoch / 4
+    assert reference.steps == 12 and (tmp_path / "run" / "checkpoints" / "step-00000006").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -218,12 +218,12 @@ def test_other_methods_under_ddp_and_fsdp_equal_one_process(tmp_path, tiny_model
 
 def test_fsdp_early_stopping_keeps_the_same_best_weights(tmp_path, tiny_model_dir, data_file):
     # Early stopping must trigger, and the best weights (gathered on rank 0, spread back to the shards) must be what
-    # is saved. It is made to trigger by the data, not by an overshooting learning rate: the validation rows ask the
-    # training prompts for another last word ("no" where training teaches "ok"), so validation loss rises once the
-    # model learns the training answers. At the suite's usual lr (2e-3) the two trajectories stay within float
-    # reduction order of each other; the earlier lr of 8e-2 over 4 epochs amplified that order into 1e-4 weight
-    # differences on some machines.
-    val_rows = [{**row, "output": row["output"].replace(" ok", " no")} for row in rows()[:12]]
+    # is saved. It is made to trigger by the data, not by an overshooting learning rate: the validation answers are
+    # words the training answers never use, so every step that teaches the training answers takes probability from
+    # them and validation loss rises from the first evaluation on. At the suite's usual lr (2e-3) the two
+    # trajectories stay within float reduction order of each other; the earlier lr of 8e-2 over 4 epochs amplified
+    # that order into 1e-4 weight differences on some machines.
+    val_rows = [{**row, "output": "zebra violet harbour"} for row in rows()[:12]]
     val_file = write_jsonl(tmp_path / "val.jsonl", val_rows)
     cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, tmp_path / "unused", "lora",
                             epochs=4, grad_accum=1, eval_every=1, early_stopping_patience=2)
@@ -241,3 +241,4 @@ def test_fsdp_early_stopping_keeps_the_same_best_weights(tmp_path, tiny_model_di
     worst = max((ref_w[k] - w[k]).abs().max().item() for k in ref_w)
     print(f"early-stopped FSDP vs one process: max |weight difference| = {worst:.2e}")
     assert worst < TOLERANCE
+    assert_trained(tmp_path / "one", tiny_model_dir)  # the kept best weights are trained ones, not the start

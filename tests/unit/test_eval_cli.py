@@ -15,7 +15,8 @@ from tests.unit.test_eval_judge import judge_server  # noqa: F401 (fixture)
 from tuneforge.cli import main
 from tuneforge.data.formats import load_examples
 from tuneforge.eval.perplexity import answer_perplexity
-from tuneforge.model.trained import RUN_META_FILE, load_for_inference
+from tuneforge.model.trained import load_for_inference
+from tuneforge.run_dir import META_FILE
 
 GENERAL = str(ROOT / "tests" / "fixtures" / "eval" / "general.txt")
 MC = str(ROOT / "tests" / "fixtures" / "eval" / "mmlu_sample.jsonl")
@@ -40,7 +41,7 @@ def tuned_run(tiny_model_dir, tokenizer, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     model.save_pretrained(run)
     tokenizer.save_pretrained(run)
-    (run / RUN_META_FILE).write_text(json.dumps({"method": "full", "base_model": str(tiny_model_dir)}))
+    (run / META_FILE).write_text(json.dumps({"method": "full", "base_model": str(tiny_model_dir)}))
     return run
 
 

@@ -91,6 +91,13 @@ def test_a_changed_must_match_key_is_refused_in_one_line_naming_it(copy_of_run, 
     assert message.startswith(f"resume: {key} is ") and "step-00000002" in message and "\n" not in message
 
 
+def test_another_methods_settings_do_not_refuse_a_resume(copy_of_run):
+    run, args = copy_of_run  # a LoRA run: the prompt-tuning and adapter sections change nothing it computes
+    result = train(load_config(None, args + ["train.resume=auto", "train.max_steps=3", "prompt.init=random",
+                                             "adapter.non_linearity=gelu"]), show_progress=False)
+    assert result.steps == 3
+
+
 def test_changed_mixing_weights_are_refused(tmp_path, tiny_model_dir, trained, monkeypatch):
     _, data, other = trained
     mix = [{"path": str(data), "weight": 0.5}, {"path": str(other), "weight": 0.5}]

@@ -16,7 +16,7 @@ import torch
 
 from tuneforge.errors import UserError
 from tuneforge.method_registry import SERVABLE_METHODS
-from tuneforge.model.trained import read_run_meta
+from tuneforge.run_dir import read_meta
 
 log = logging.getLogger("tuneforge")
 
@@ -37,7 +37,7 @@ def check_adapter_dir(path: Path) -> dict:
     """The adapter's PEFT config, after checking the directory holds a LoRA that can be switched per request."""
     if not path.is_dir():
         raise UserError(f"adapter {path}: not a directory")
-    meta = read_run_meta(path)
+    meta = read_meta(path)
     if meta is not None and meta.get("method") not in SERVABLE_METHODS:
         raise UserError(f"adapter {path}: method {meta.get('method')!r} cannot be served as a switchable adapter "
                         f"(servable: {', '.join(SERVABLE_METHODS)}; serve a full run with --model {path})")
@@ -83,7 +83,7 @@ def attach(model: torch.nn.Module, name: str, path: Path) -> torch.nn.Module:
     from peft import PeftModel
 
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    meta = read_run_meta(path)
+    meta = read_meta(path)
     if meta is not None:
         log.info("adapter %s: %s run on %s", name, meta.get("method"), meta.get("base_model"))
     try:

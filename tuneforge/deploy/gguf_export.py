@@ -23,7 +23,7 @@ import torch
 from tuneforge.errors import UserError
 from tuneforge.method_registry import saves_whole_model
 from tuneforge.model.load import load_tokenizer
-from tuneforge.model.trained import read_run_meta
+from tuneforge.run_dir import read_meta
 
 log = logging.getLogger("tuneforge")
 
@@ -106,7 +106,7 @@ def _load_source(source: str):
     from tuneforge.model.load import load_model
 
     path = Path(source)
-    meta = read_run_meta(path) if path.is_dir() else None
+    meta = read_meta(path) if path.is_dir() else None
     if meta is not None and not saves_whole_model(meta.get("method")):
         from tuneforge.deploy.merge import merged_model
 

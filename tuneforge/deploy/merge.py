@@ -15,7 +15,7 @@ import torch
 from tuneforge.errors import UserError
 from tuneforge.method_registry import MERGEABLE_METHODS, find_method
 from tuneforge.model.load import load_model, load_tokenizer
-from tuneforge.model.trained import RUN_META_FILE, read_run_meta
+from tuneforge.run_dir import META_FILE, read_meta
 
 log = logging.getLogger("tuneforge")
 
@@ -25,9 +25,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def run_meta_or_error(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory (expected a run directory written by tuneforge train)")
-    meta = read_run_meta(run_dir)
+    meta = read_meta(run_dir)
     if meta is None:
-        raise UserError(f"{run_dir}: no {RUN_META_FILE}; expected a run directory written by tuneforge train")
+        raise UserError(f"{run_dir}: no {META_FILE}; expected a run directory written by tuneforge train")
     return meta
 
 
@@ -35,7 +35,7 @@ def check_mergeable(run_dir: Path, meta: dict) -> None:
     name = meta.get("method")
     method = find_method(name)
     if method is None:
-        raise UserError(f"{run_dir}: unknown method {name!r} in {RUN_META_FILE} "
+        raise UserError(f"{run_dir}: unknown method {name!r} in {META_FILE} "
                         f"(mergeable: {', '.join(MERGEABLE_METHODS)})")
     if method.saved_as == "model":
         raise UserError(f"{run_dir}: method {name!r} is already a complete model directory; nothing to merge")

@@ -15,14 +15,14 @@ from tuneforge.deploy.adapters import check_adapter_dir
 from tuneforge.errors import UserError
 from tuneforge.method_registry import saves_whole_model
 from tuneforge.model.load import resolve_model
-from tuneforge.model.trained import read_run_meta
+from tuneforge.run_dir import read_meta
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 
 def vllm_command(model: str, adapters: list[tuple[str, str]], host: str, port: int, api_key: str | None,
                  max_model_len: int | None = None) -> list[str]:
-    meta = read_run_meta(Path(model)) if Path(model).is_dir() else None
+    meta = read_meta(Path(model)) if Path(model).is_dir() else None
     if meta is not None and not saves_whole_model(meta.get("method")):
         raise UserError(f"--model {model}: a {meta.get('method')} run is an adapter; give its base with --model "
                         f"and the run with --adapter, or merge it first with tuneforge merge")

@@ -18,7 +18,7 @@ from tuneforge.model.bottleneck import BottleneckModel, add_bottleneck_adapters
 from tuneforge.model.load import load_model
 from tuneforge.model.lora import apply_dora, apply_lora
 from tuneforge.model.prompt_learning import apply_prefix, apply_prompt
-from tuneforge.model.trained import read_run_meta
+from tuneforge.run_dir import read_meta
 
 
 def train_every_weight(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
@@ -49,7 +49,7 @@ def load_base_model(cfg: RunConfig, device: str) -> torch.nn.Module:
 
 def _refuse_run_as_base(name: str) -> None:
     # Training on an adapter run would need its adapter underneath a second one; say what to do instead.
-    meta = read_run_meta(Path(name)) if Path(name).is_dir() else None
+    meta = read_meta(Path(name)) if Path(name).is_dir() else None
     if meta is not None and not saves_whole_model(meta.get("method")):
         method, base = meta.get("method"), meta.get("base_model")
         known = find_method(method)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,25 +9,15 @@ import torch
 from tuneforge.errors import UserError
 from tuneforge.method_registry import Method, find_method
 from tuneforge.model.load import load_model, load_tokenizer
-
-# Written into every run directory: which base model and method produced the weights beside it.
-RUN_META_FILE = "tuneforge.json"
-
-
-def read_run_meta(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / RUN_META_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
-
+from tuneforge.run_dir import META_FILE, read_meta
 
 def load_for_inference(model_or_run: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer): a run directory (its adapter on its base, or a full model) or any base model."""
-    meta = read_run_meta(Path(model_or_run)) if Path(model_or_run).is_dir() else None
+    meta = read_meta(Path(model_or_run)) if Path(model_or_run).is_dir() else None
     name = None if meta is None else meta.get("method")
     method = find_method(name)
     if name is not None and method is None:
-        raise UserError(f"{model_or_run}: unknown method {name!r} in {model_or_run}/{RUN_META_FILE}")
+        raise UserError(f"{model_or_run}: unknown method {name!r} in {model_or_run}/{META_FILE}")
     if method is None or method.saved_as == "model":
         model = load_model(model_or_run, dtype=dtype, device=device)
     else:
