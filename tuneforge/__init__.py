@@ -3,7 +3,7 @@
 The curated public API; everything else is internal and may change.
 """
 
-__version__ = "0.1.0"
+from tuneforge.version import __version__  # its own module: internal users import it without a cycle
 
 
 def load_config(path=None, overrides=()):

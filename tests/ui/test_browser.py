@@ -55,7 +55,7 @@ def test_runs_list_shows_each_run_with_status_method_and_settings(page, ui_url):
     row = page.locator('tr[data-run="tuned"]')
     row.wait_for(timeout=WAIT_MS)
     text = row.inner_text()
-    for shown in ("finished", "smollm2-135m-instruct", "lora", "lr=0.0005", f"max_steps={DEMO_STEPS}", "r=16",
+    for shown in ("finished", "smollm2-135m-instruct", "lora", "lr=5.00e-4", f"max_steps={DEMO_STEPS}", "r=16",
                   f"{DEMO_STEPS}/{DEMO_STEPS}"):
         assert shown in text, (shown, text)
 

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from tuneforge.cli.options import add_option, from_args
+from tuneforge.deploy.serve_settings import ServeSettings
 from tuneforge.errors import UserError
 
 
@@ -40,29 +42,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise UserError(f"--adapter: the name {duplicate!r} is given twice")
-    api_key = args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
     if args.engine == "vllm":
         from tuneforge.deploy.vllm import run_vllm, vllm_command
 
-        return run_vllm(vllm_command(args.model, adapters, args.host, args.port, api_key, args.max_model_len),
+        return run_vllm(vllm_command(args.model, adapters, args.host, args.port, _api_key(args), args.max_model_len),
                         args.print)
     if args.print:
         raise UserError("--print: only with --engine vllm")
-    for flag in ("max_tokens_limit", "max_concurrent", "max_batch", "max_body_bytes"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')}: got {getattr(args, flag)}, must be >= 1")
-    import torch
+    settings = serve_settings(args)
+    from tuneforge.deploy.server import load_server, run_server
 
-    from tuneforge.deploy.server import ServeSettings, load_server, run_server
-
-    settings = ServeSettings(api_key=api_key, admin_dir=Path(args.admin_dir) if args.admin_dir else None,
-                             max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
-                             max_model_len=args.max_model_len, max_concurrent=args.max_concurrent,
-                             max_batch=args.max_batch)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    server = load_server(args.model, adapters, settings, dtype=dtype, device=args.device)
-    run_server(server, args.host, args.port)
+    run_server(load_server(args.model, adapters, settings))
     return 0
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The settings the options describe, each value checked against its field's range."""
+    return from_args(ServeSettings, args, api_key=_api_key(args),
+                     admin_dir=Path(args.admin_dir) if args.admin_dir else None)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
 
 
 def add_parsers(sub) -> None:
@@ -85,19 +86,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="base model (alias, model directory, full fine-tuning run)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="a LoRA run or PEFT adapter served as model NAME (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
-                                     "(default: $TUNEFORGE_API_KEY, else no key)")
-    p.add_argument("--admin-dir", help="enable /admin/adapters to load and unload adapters found inside this "
-                                       "directory at run time (off by default)")
-    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-model-len", type=int, help="limit on prompt + max_tokens (default: the model's context)")
-    p.add_argument("--max-concurrent", type=int, default=32, help="requests answered at once; more get HTTP 429")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one batch")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    # Defaults, help and ranges: ServeSettings, the one home of serve's defaults.
+    for name in ("host", "port", "api_key", "admin_dir", "max_tokens_limit", "max_model_len", "max_concurrent",
+                 "max_batch", "max_body_bytes", "dtype", "device"):
+        add_option(p, ServeSettings, name)
     p.add_argument("--engine", choices=["tuneforge", "vllm"], default="tuneforge",
                    help="vllm: run (or with --print, print) the equivalent vllm serve command")
     p.add_argument("--print", action="store_true", help="with --engine vllm: print the command instead of running it")

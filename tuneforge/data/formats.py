@@ -19,7 +19,6 @@ from typing import Any, Iterator, Literal
 
 from tuneforge.errors import DataError
 
-FORMATS = ("instruction", "chat", "sharegpt", "completion")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 

@@ -34,8 +34,8 @@ MIXED = "__mixed__"  # a batch whose rows name different adapters: PEFT's per-ro
 @dataclass
 class Sampling:
     max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
+    temperature: float  # 0 = greedy; no defaults here: the request's (protocol.py) or the playground's apply
+    top_p: float
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
@@ -68,7 +68,7 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 16):
+    def __init__(self, model, tokenizer, max_batch: int):  # max_batch: rows decoded together (ServeSettings)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch

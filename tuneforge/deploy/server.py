@@ -14,7 +14,6 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,22 +27,12 @@ from tuneforge.deploy import adapters as adapter_ops
 from tuneforge.deploy.engine import Delta, Engine, Failed, Finished, Job, Sampling
 from tuneforge.deploy.protocol import (ChatRequest, CompletionRequest, RequestError, chat_chunk, chat_reply,
                                        completion_reply, new_id, parse, usage)
+from tuneforge.deploy.serve_settings import ServeSettings
 from tuneforge.errors import UserError
 
 log = logging.getLogger("tuneforge")
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
-
-
-@dataclass
-class ServeSettings:
-    api_key: str | None = None
-    admin_dir: Path | None = None  # None: the admin routes are off
-    max_body_bytes: int = 1_000_000
-    max_tokens_limit: int = 2048  # the most tokens one request may ask for
-    max_model_len: int | None = None  # prompt + max_tokens limit; default: the model's context length
-    max_concurrent: int = 32  # requests being answered at once; more get 429
-    max_batch: int = 16  # rows decoded together
 
 
 class ModelServer:
@@ -177,7 +166,7 @@ def build_app(server: ModelServer) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_chat_stream(events, rid, req.model, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, done = await _collect(events)
+        text, done = await collect_text(events)
         return chat_reply(rid, req.model, text, done.finish_reason, usage(done.prompt_tokens, done.completion_tokens))
 
     @app.post("/v1/completions")
@@ -201,7 +190,7 @@ def build_app(server: ModelServer) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_completion_stream(events, rid, req.model, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, done = await _collect(events)
+        text, done = await collect_text(events)
         return completion_reply(rid, req.model, text, done.finish_reason,
                                 usage(done.prompt_tokens, done.completion_tokens))
 
@@ -287,7 +276,8 @@ async def _read_json(request, limit: int):
         raise RequestError(400, "the request body is not valid JSON") from None
 
 
-async def _collect(events) -> tuple[str, Finished]:
+async def collect_text(events) -> tuple[str, Finished]:
+    """A whole reply from `ModelServer.events`: its text and the closing `Finished`; a failure as a RequestError."""
     parts: list[str] = []
     async for event in events:
         if isinstance(event, Delta):
@@ -338,20 +328,21 @@ async def _completion_stream(events, rid: str, model: str, include_usage: bool):
 # Starting
 
 
-def load_server(model_name: str, adapter_specs: list[tuple[str, str]], settings: ServeSettings,
-                dtype: torch.dtype = torch.float32, device: str = "cpu") -> ModelServer:
-    from tuneforge.model.trained import load_for_inference, read_run_meta
+def load_server(model_name: str, adapter_specs: list[tuple[str, str]], settings: ServeSettings) -> ModelServer:
+    from tuneforge.method_registry import saves_whole_model
+    from tuneforge.model.trained import load_for_inference
+    from tuneforge.run_dir import read_meta
 
     path = Path(model_name)
-    meta = read_run_meta(path) if path.is_dir() else None
-    if meta is not None and meta.get("method") != "full":
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is not None and not saves_whole_model(meta.get("method")):
         raise UserError(f"--model {model_name}: a {meta.get('method')} run is an adapter; serve it with "
                         f"--model {meta.get('base_model')} --adapter {path.name}={model_name}")
     if settings.admin_dir is not None and not Path(settings.admin_dir).is_dir():
         raise UserError(f"--admin-dir {settings.admin_dir}: not a directory")
     for name, adapter_path in adapter_specs:
         adapter_ops.check_adapter_dir(Path(adapter_path))
-    model, tokenizer = load_for_inference(model_name, device=device, dtype=dtype)
+    model, tokenizer = load_for_inference(model_name, device=settings.device, dtype=getattr(torch, settings.dtype))
     server = ModelServer(model, tokenizer, model_name, settings)
 
     async def attach_all():
@@ -362,9 +353,10 @@ def load_server(model_name: str, adapter_specs: list[tuple[str, str]], settings:
     return server
 
 
-def run_server(server: ModelServer, host: str, port: int) -> None:
+def run_server(server: ModelServer) -> None:
     import uvicorn
 
+    host, port = server.settings.host, server.settings.port
     app = build_app(server)
     names = ", ".join(server.adapters) or "none"
     print(f"tuneforge serve: {server.base_name} (adapters: {names}) on http://{host}:{port}/v1", flush=True)

@@ -1,7 +1,7 @@
-"""Evaluate a model that may be mid-training with tuneforge's packed attention, then put its attention back.
+"""Evaluate a model that may be mid-training with tuneforge's packed attention, then put it back as it was.
 
 Packed attention ignores padding masks (it expects one padding-free row), so padded batches (generation, perplexity,
-multiple choice) must run with transformers' standard SDPA.
+multiple choice, lm-eval) must run with transformers' standard SDPA; and dropout must be off while scoring.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ def attention_implementation(model) -> str | None:
 
 
 @contextmanager
-def standard_attention(model):
-    """Standard SDPA inside the block; the previous implementation (e.g. packed) is restored after it."""
+def evaluating(model):
+    """Eval mode and standard SDPA inside the block; the training mode and the previous attention implementation
+    (e.g. packed) are restored after it, also when the block raises."""
+    was_training = model.training
     previous = attention_implementation(model)
-    if previous != PACKED_ATTENTION:
-        yield model
-        return
-    use_standard_attention(model)
+    model.eval()
     try:
+        if previous == PACKED_ATTENTION:
+            use_standard_attention(model)
         yield model
     finally:
-        causal_lm_of(model).set_attn_implementation(previous)
+        if previous == PACKED_ATTENTION:
+            causal_lm_of(model).set_attn_implementation(previous)
+        model.train(was_training)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 
+from tuneforge.config import TrainSettings
 from tuneforge.data.formats import Example
 from tuneforge.errors import ConfigError
 from tuneforge.eval.generation import generate_replies
@@ -44,8 +45,12 @@ def sample_rows(val_rows: list[Example], sample: int, seed: int) -> list[Example
     return random.Random(seed).sample(chat, sample)
 
 
-def sample_metric(model, tokenizer, val_rows: list[Example], metric: str, sample: int = 32,
-                  max_new_tokens: int = 64, seed: int = 0, batch_size: int = 8) -> float:
+_TRAIN = TrainSettings()  # the loop passes its run's values; these defaults are the run config's (one home)
+
+
+def sample_metric(model, tokenizer, val_rows: list[Example], metric: str, sample: int = _TRAIN.eval_metric_sample,
+                  max_new_tokens: int = _TRAIN.eval_metric_max_new_tokens, seed: int = _TRAIN.seed,
+                  batch_size: int = _TRAIN.batch_size) -> float:
     """`metric` (a SAMPLE_METRICS name; higher is better) of greedy answers to `sample` validation rows."""
     check_sample_metric(metric)
     rows = sample_rows(val_rows, sample, seed)

@@ -9,9 +9,11 @@ plain .txt (paragraphs), or instruction/chat/completion rows (answer tokens scor
 from __future__ import annotations
 
 from tuneforge.eval.perplexity import Perplexity, answer_perplexity, load_text_or_rows
+from tuneforge.eval.settings import GENERATION
 
 
-def general_perplexity(model, tokenizer, path: str, max_rows: int | None = None, batch_size: int = 8,
+def general_perplexity(model, tokenizer, path: str, max_rows: int | None = None,
+                       batch_size: int = GENERATION.batch_size,
                        max_length: int | None = None) -> Perplexity:
     """Perplexity of one loaded model on a general text file (its first `max_rows` rows when given)."""
     from tuneforge.config import BUILTIN_DATA
@@ -26,7 +28,8 @@ def forgetting_scores(base: Perplexity, tuned: Perplexity) -> dict[str, float]:
             "general_perplexity_change": tuned.perplexity / base.perplexity - 1.0}
 
 
-def forgetting_check(tuned, base, path: str, max_rows: int | None = None, batch_size: int = 8) -> dict[str, float]:
+def forgetting_check(tuned, base, path: str, max_rows: int | None = None,
+                     batch_size: int = GENERATION.batch_size) -> dict[str, float]:
     """`forgetting_scores` for two models, each a loaded (model, tokenizer) pair or anything `load_for_inference`
     takes (run directory, alias, hub id, model directory). Loaded one at a time, so peak memory is one model."""
     results = []

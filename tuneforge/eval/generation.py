@@ -13,7 +13,8 @@ import functools
 import torch
 
 from tuneforge.data.tokenize import ensure_chat_template, render_prompt
-from tuneforge.eval.attention_guard import standard_attention
+from tuneforge.eval.attention_guard import evaluating
+from tuneforge.eval.settings import GENERATION
 from tuneforge.model.virtual_generation import generate_with_virtual_tokens, prompt_learning_type
 
 
@@ -21,10 +22,10 @@ def generate_replies(
     model,
     tokenizer,
     conversations: list[list[dict[str, str]]],
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    max_new_tokens: int = GENERATION.max_new_tokens,
+    batch_size: int = GENERATION.batch_size,
+    temperature: float = GENERATION.temperature,
+    top_p: float = GENERATION.top_p,
 ) -> list[str]:
     """The assistant's next reply to each conversation (each ends on a user turn)."""
     ensure_chat_template(tokenizer)
@@ -37,10 +38,10 @@ def generate_texts(
     model,
     tokenizer,
     prompts: list[str],
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    max_new_tokens: int = GENERATION.max_new_tokens,
+    batch_size: int = GENERATION.batch_size,
+    temperature: float = GENERATION.temperature,
+    top_p: float = GENERATION.top_p,
     stop: list[str] | None = None,
     add_special_tokens: bool = False,
 ) -> list[str]:
@@ -59,22 +60,19 @@ def generate_texts(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     generate = functools.partial(generate_with_virtual_tokens, model) if prompt_learning_type(model) else \
         model.generate
-    was_training = model.training
-    model.eval()
     try:
-        with standard_attention(model):
+        with evaluating(model):
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                                 add_special_tokens=add_special_tokens).to(device)
                 out = generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     **sampling)
+                               **sampling)
                 texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 for i, text in zip(chunk, texts):
                     results[i] = cut_at_stop(text, stop) if stop else text.strip()
     finally:
         tokenizer.padding_side = side
-        model.train(was_training)
     return results
 
 

@@ -32,12 +32,12 @@ from pathlib import Path
 from tuneforge.data.formats import read_rows
 from tuneforge.errors import DataError, UserError
 from tuneforge.eval.generation import generate_texts
+from tuneforge.eval.settings import GENERATION, HUMANEVAL_BUILTIN as BUILTIN, PLAN
 
 log = logging.getLogger("tuneforge")
 
 # The Codex paper's stop sequences: a new top-level statement ends the function body.
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
-BUILTIN = "builtin"
 
 # Runs inside the sandbox process: limits, network namespace, guard, then the program. argv: program, memory bytes,
 # CPU seconds, file-size bytes, "isolate"|"share".
@@ -182,8 +182,8 @@ def pass_at_k(results: list[list[tuple[bool, str]]], ks: list[int]) -> dict[str,
     return {f"pass@{k}": float(estimate_pass_at_k(totals, correct, k).mean()) for k in ks if k <= min(totals)}
 
 
-def generate_completions(model, tokenizer, problems: list[Problem], samples: int = 1, max_new_tokens: int = 384,
-                         batch_size: int = 8, temperature: float = 0.0, top_p: float = 0.95) -> list[list[str]]:
+def generate_completions(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
+                         batch_size: int, temperature: float, top_p: float) -> list[list[str]]:
     """`samples` continuations of each problem's prompt (raw text, no chat template), cut at the stop sequences."""
     if samples > 1 and temperature <= 0:
         raise UserError("--samples above 1 needs --temperature > 0 (greedy samples are all the same)")
@@ -193,11 +193,13 @@ def generate_completions(model, tokenizer, problems: list[Problem], samples: int
     return [texts[i * samples : (i + 1) * samples] for i in range(len(problems))]
 
 
-def evaluate_humaneval(model, tokenizer, path: str = BUILTIN, limit: int | None = None, samples: int = 1,
-                       ks: tuple[int, ...] = (1,), max_new_tokens: int = 384, batch_size: int = 8,
-                       temperature: float = 0.0, top_p: float = 0.95,
-                       limits: SandboxLimits | None = None) -> tuple[dict[str, float], list[dict]]:
-    """(pass@k scores, one record per sample) of a model on HumanEval problems."""
+def evaluate_humaneval(model, tokenizer, path: str = BUILTIN, limit: int | None = None, samples: int | None = None,
+                       ks: tuple[int, ...] = PLAN.humaneval_k, max_new_tokens: int = PLAN.humaneval_max_new_tokens,
+                       batch_size: int = GENERATION.batch_size, temperature: float = GENERATION.temperature,
+                       top_p: float = 0.95, limits: SandboxLimits | None = None) -> tuple[dict[str, float], list[dict]]:
+    """(pass@k scores, one record per sample) of a model on HumanEval problems; `samples` per problem (default:
+    the largest k). top_p 0.95 is Codex's (used only with a temperature above 0)."""
+    samples = samples or max(ks)
     bad_k = [k for k in ks if k > samples]
     if bad_k:
         raise UserError(f"--k {bad_k[0]}: needs at least that many --samples (got {samples})")

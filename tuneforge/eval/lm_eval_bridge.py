@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 
 from tuneforge.errors import UserError
+from tuneforge.eval.attention_guard import evaluating
+from tuneforge.eval.settings import GENERATION
 
 
 def _harness():
@@ -24,7 +26,7 @@ def _harness():
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-                batch_size: int = 8, num_fewshot: int | None = None) -> dict[str, float]:
+                batch_size: int = GENERATION.batch_size, num_fewshot: int | None = None) -> dict[str, float]:
     """{"<task>/<metric>": value} for every numeric metric the harness reports (standard errors left out)."""
     lm_eval, HFLM, TaskManager = _harness()
     for name in ("lm-eval", "lm_eval", "lm_eval.models.huggingface", "lm_eval.evaluator"):
@@ -39,18 +41,15 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = N
     if unknown:
         where = f" (nor in {include_path})" if include_path else ""
         raise UserError(f"--lm-eval: unknown task {', '.join(unknown)}{where}; `lm-eval ls tasks` lists them")
-    was_training = model.training
-    model.eval()
     try:
-        harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(model=harness_model, tasks=tasks, task_manager=manager, limit=limit,
-                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
-                                          verbosity="ERROR")
+        with evaluating(model):  # the harness pads its batches: standard attention, like our own evaluations
+            harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            results = lm_eval.simple_evaluate(model=harness_model, tasks=tasks, task_manager=manager, limit=limit,
+                                              num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                              verbosity="ERROR")
     except (ConnectionError, OSError) as exc:
         raise UserError(f"--lm-eval {','.join(tasks)}: could not load a task's data ({str(exc).splitlines()[0]}); "
                         f"hub tasks need network access, local task YAMLs go in --lm-eval-include") from None
-    finally:
-        model.train(was_training)
     scores: dict[str, float] = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():

@@ -14,6 +14,7 @@ model with no preference (uniform next-token distribution) then scores exactly c
 from __future__ import annotations
 
 import string
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,13 +22,14 @@ import torch
 
 from tuneforge.data.formats import read_rows
 from tuneforge.errors import DataError
-from tuneforge.eval.attention_guard import standard_attention
+from tuneforge.eval.attention_guard import evaluating
+from tuneforge.eval.settings import PLAN, MultipleChoiceStyle
 from tuneforge.data.batching import Batch
 from tuneforge.train.forward import causal_lm_of
 from tuneforge.train.virtual_tokens import decoder_inputs
 
 LETTERS = string.ascii_uppercase
-STYLES = ("letter", "text")
+STYLES = typing.get_args(MultipleChoiceStyle)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ def _credit(scores: list[float], answer: int) -> float:
 LoglikFn = Callable[[list[tuple[str, str]]], list[float]]
 
 
-def score_questions(questions: list[Question], loglik: LoglikFn, style: str = "letter") -> tuple[dict[str, float], list[dict]]:
+def score_questions(questions: list[Question], loglik: LoglikFn,
+                    style: str = PLAN.mc_style) -> tuple[dict[str, float], list[dict]]:
     """(summary scores, per-question records) with `loglik` giving log P(continuation | context) per request."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}")
@@ -132,40 +135,35 @@ def continuation_logliks(model, tokenizer, requests: list[tuple[str, str]], batc
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     results = [0.0] * len(rows)
-    was_training = model.training
-    model.eval()
-    try:
-        with standard_attention(model):
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                width = max(len(rows[i][0]) for i in chunk)
-                ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                predict_at, targets, counts = [], [], []
-                for r, i in enumerate(chunk):
-                    tokens, ctx_len = rows[i]
-                    ids[r, : len(tokens)] = torch.tensor(tokens)
-                    mask[r, : len(tokens)] = 1
-                    # Positions ctx_len-1 .. len-2 predict the continuation's tokens.
-                    predict_at += range(r * width + ctx_len - 1, r * width + len(tokens) - 1)
-                    targets += tokens[ctx_len:]
-                    counts.append(len(tokens) - ctx_len)
-                batch = Batch(ids, torch.arange(width).expand(len(chunk), width).contiguous(), mask, None,
-                              torch.tensor(predict_at), torch.tensor(targets), int(mask.sum())).to(device)
-                # The training forward's inputs: prompt/prefix-tuned models get their learned virtual tokens here.
-                inputs, at = decoder_inputs(model, lm, batch)
-                hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-                hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
-                logits = lm.get_output_embeddings()(hidden).float()
-                scores = torch.log_softmax(logits, -1).gather(1, batch.targets[:, None]).squeeze(1)
-                for i, part in zip(chunk, scores.split(counts)):
-                    results[i] = float(part.sum())
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(rows[i][0]) for i in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            predict_at, targets, counts = [], [], []
+            for r, i in enumerate(chunk):
+                tokens, ctx_len = rows[i]
+                ids[r, : len(tokens)] = torch.tensor(tokens)
+                mask[r, : len(tokens)] = 1
+                # Positions ctx_len-1 .. len-2 predict the continuation's tokens.
+                predict_at += range(r * width + ctx_len - 1, r * width + len(tokens) - 1)
+                targets += tokens[ctx_len:]
+                counts.append(len(tokens) - ctx_len)
+            batch = Batch(ids, torch.arange(width).expand(len(chunk), width).contiguous(), mask, None,
+                          torch.tensor(predict_at), torch.tensor(targets), int(mask.sum())).to(device)
+            # The training forward's inputs: prompt/prefix-tuned models get their learned virtual tokens here.
+            inputs, at = decoder_inputs(model, lm, batch)
+            hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
+            logits = lm.get_output_embeddings()(hidden).float()
+            scores = torch.log_softmax(logits, -1).gather(1, batch.targets[:, None]).squeeze(1)
+            for i, part in zip(chunk, scores.split(counts)):
+                results[i] = float(part.sum())
     return results
 
 
-def evaluate_multiple_choice(model, tokenizer, path: str, style: str = "letter",
+def evaluate_multiple_choice(model, tokenizer, path: str, style: str = PLAN.mc_style,
                              batch_size: int = 16) -> tuple[dict[str, float], list[dict]]:
     questions = load_questions(path)
     return score_questions(questions, lambda reqs: continuation_logliks(model, tokenizer, reqs, batch_size), style)

@@ -18,7 +18,8 @@ from tuneforge.data.batching import collate_padded
 from tuneforge.data.formats import Example, load_examples
 from tuneforge.data.tokenize import ensure_chat_template, tokenize_all
 from tuneforge.errors import DataError
-from tuneforge.eval.attention_guard import standard_attention
+from tuneforge.eval.attention_guard import evaluating
+from tuneforge.eval.settings import GENERATION
 from tuneforge.train.forward import batch_loss_sum, causal_lm_of
 
 # Paragraphs of a .txt file are joined into rows of about this many characters (a few hundred tokens).
@@ -67,7 +68,7 @@ def model_max_length(model) -> int:
 
 
 @torch.no_grad()
-def answer_perplexity(model, tokenizer, examples: list[Example], batch_size: int = 8,
+def answer_perplexity(model, tokenizer, examples: list[Example], batch_size: int = GENERATION.batch_size,
                       max_length: int | None = None) -> Perplexity:
     """Mean answer-token cross-entropy of `examples` under `model` (eval mode, standard attention, padded batches)."""
     ensure_chat_template(tokenizer)
@@ -78,14 +79,9 @@ def answer_perplexity(model, tokenizer, examples: list[Example], batch_size: int
     tokenized.sort(key=lambda ex: len(ex.input_ids))  # similar lengths per batch: less padding
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with standard_attention(model):
-            for start in range(0, len(tokenized), batch_size):
-                batch = collate_padded(tokenized[start : start + batch_size], tokenizer.pad_token_id).to(device)
-                total += float(batch_loss_sum(model, batch))
-                count += batch.num_targets
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(tokenized), batch_size):
+            batch = collate_padded(tokenized[start : start + batch_size], tokenizer.pad_token_id).to(device)
+            total += float(batch_loss_sum(model, batch))
+            count += batch.num_targets
     return Perplexity(total / max(count, 1), count, len(tokenized), report.truncated, report.dropped)

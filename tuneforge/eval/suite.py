@@ -14,39 +14,9 @@ from dataclasses import dataclass, field
 from tuneforge.data.formats import Example, load_examples
 from tuneforge.errors import DataError, UserError
 from tuneforge.eval.metrics import GENERATION_METRICS, generation_scores, per_example_scores
+from tuneforge.eval.settings import METRICS, EvalPlan
 
 log = logging.getLogger("tuneforge")
-
-METRICS = ("perplexity", *GENERATION_METRICS)
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    batch_size: int = 8
-
-
-@dataclass
-class EvalPlan:
-    """What to measure; every model of one `eval` call gets the same plan."""
-
-    data: str | None = None
-    metrics: tuple[str, ...] = METRICS
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    general: str | None = None
-    general_rows: int | None = 32
-    mc: str | None = None
-    mc_style: str = "letter"
-    humaneval: str | None = None  # "builtin" or a local problems file
-    humaneval_k: tuple[int, ...] = (1,)
-    humaneval_samples: int = 1
-    humaneval_limit: int | None = None
-    humaneval_max_new_tokens: int = 384
-    lm_eval: tuple[str, ...] = ()
-    lm_eval_include: str | None = None
-    lm_eval_limit: int | None = None
 
 
 @dataclass
@@ -152,7 +122,7 @@ def base_of(model_or_run: str) -> str | None:
     """The base model a run directory was trained from (its tuneforge.json), or None for anything else."""
     from pathlib import Path
 
-    from tuneforge.model.trained import read_run_meta
+    from tuneforge.run_dir import read_meta
 
-    meta = read_run_meta(Path(model_or_run)) if Path(model_or_run).is_dir() else None
+    meta = read_meta(Path(model_or_run)) if Path(model_or_run).is_dir() else None
     return (meta or {}).get("base_model")

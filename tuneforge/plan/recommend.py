@@ -118,7 +118,7 @@ def recommend(model: str, num_examples: int, gpu_mem_gib: float, domain_shift: s
     elif method == "lora":
         method_why = ("PEFT: " + (f"full fine-tuning does not fit in {gpu_mem_gib:g} GiB" if wants_full else
                                   f"{num_examples:,} examples is too few for full fine-tuning to beat LoRA")
-                      + f"; LoRA on the unquantized base fits")
+                      + "; LoRA on the unquantized base fits")
     else:
         method_why = (f"{'full fine-tuning and ' if wants_full else ''}LoRA on the unquantized base do"
                       f"{'' if wants_full else 'es'} not fit in {gpu_mem_gib:g} GiB; a 4-bit base (NF4, double "

@@ -11,6 +11,7 @@ eval summaries); the only files it writes are review sheets under `<run>/reviews
   review_sheet.py  CSV export/import of a review sheet
   review_stats.py  the summary: per-criterion means with t-intervals, win rate (pure functions)
   playground.py    side-by-side chat, on tuneforge.deploy's engine
+  settings.py      the answer settings' defaults and ranges (playground, review), for the routes and the pages
   security.py      localhost by default; a token for anything else
   app.py           the FastAPI routes; static/ holds the pages, their JS and CSS
 """

@@ -14,25 +14,23 @@ from pathlib import Path
 
 # Module level: FastAPI resolves `request: Request` annotations by name in this module (see deploy/server.py).
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from tuneforge.errors import UserError
-from tuneforge.model.trained import read_run_meta
+from tuneforge.run_dir import read_meta
 from tuneforge.ui import review_store, runs
 from tuneforge.ui.confine import PathRefused, run_dir
-from tuneforge.ui.playground import MAX_NEW_TOKENS, GenerationRequest, Playground
+from tuneforge.ui.playground import GenerationRequest, Playground
 from tuneforge.ui.review_jobs import is_generating, start_generation
 from tuneforge.ui.review_stats import CRITERIA, latest_per_prompt, summarize
 from tuneforge.ui.security import guard
+from tuneforge.ui.settings import ANSWER, fill_page, from_body
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "runs.html", "/run": "run.html", "/compare": "compare.html", "/review": "review.html",
          "/playground": "playground.html"}
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv")
-# A review is read by people: the first 20 rows of an evaluation file unless asked for more.
-DEFAULT_REVIEW_PROMPTS = 20
-MAX_REVIEW_PROMPTS = 1000
 
 
 def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
@@ -65,7 +63,7 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
             base = runs.base_model(path, runs.read_config(path))
             return f"base ({base})", base
         if kind == "run":
-            if read_run_meta(path) is None:
+            if read_meta(path) is None:
                 raise UserError(f"run {name}: has no trained weights yet")
             return f"run {name}", path
         raise UserError(f"model {spec!r}: expected base:<run> or run:<run>")
@@ -106,12 +104,12 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
         if systems["A"]["model"] == systems["B"]["model"]:
             raise UserError("the two systems are the same model: pick two different ones")
         prompts, references, source = _review_prompts(path, body)
-        limit = _number(body, "limit", DEFAULT_REVIEW_PROMPTS, int, 1, MAX_REVIEW_PROMPTS)
+        limit = from_body(body, "limit")
         prompts, references = prompts[:limit], references[:limit]
-        max_new_tokens = _number(body, "max_new_tokens", 128, int, 1, MAX_NEW_TOKENS)
+        max_new_tokens = from_body(body, "max_new_tokens")
         review = review_store.create_review(path, prompts, references, systems, source,
                                             {"max_new_tokens": max_new_tokens, "decoding": "greedy"})
-        start_generation(path, review, max_new_tokens, batch_size=8)
+        start_generation(path, review, max_new_tokens, batch_size=ANSWER.review_batch_size)
         return {"id": review["id"]}
 
     @app.get("/api/review")
@@ -154,9 +152,7 @@ def create_app(runs_root: Path, token: str | None = None) -> FastAPI:
         """Two conversations (each side keeps its own history), answered at once: {"left": {"model", "messages"},
         "right": {...}, "max_new_tokens", "temperature", "top_p"}."""
         body = await _json_body(request)
-        settings = {"max_new_tokens": _number(body, "max_new_tokens", 128, int, 1, MAX_NEW_TOKENS),
-                    "temperature": _number(body, "temperature", 0.0, float, 0, 2),
-                    "top_p": _number(body, "top_p", 1.0, float, 0.01, 1)}
+        settings = {name: from_body(body, name) for name in ("max_new_tokens", "temperature", "top_p")}
         sides = [body.get(side) or {} for side in ("left", "right")]
         models = [model_of(str(side.get("model", ""))) for side in sides]
         answers = await asyncio.gather(*(
@@ -177,21 +173,10 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-def _number(body: dict, key: str, default, kind: type, low: float, high: float):
-    """body[key] as `kind` within [low, high] (default when absent); a one-line error otherwise."""
-    value = body.get(key, default)
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or isinstance(value, bool) or not low <= number <= high:
-        raise UserError(f"{key}: expected a number from {low} to {high}, got {value!r}")
-    return number
-
-
 def _page(file: Path):
     async def page():
-        return FileResponse(file, headers={"Cache-Control": "no-store"})
+        # Read at each request, as a static file would be; the inputs' defaults and bounds filled in (settings.py).
+        return HTMLResponse(fill_page(file.read_text(encoding="utf-8")), headers={"Cache-Control": "no-store"})
 
     return page
 

@@ -17,28 +17,27 @@ from pathlib import Path
 from tuneforge.data.tokenize import render_prompt
 from tuneforge.deploy.adapters import SERVABLE_METHODS
 from tuneforge.deploy.engine import Sampling
-from tuneforge.deploy.server import ModelServer, ServeSettings, _collect
+from tuneforge.deploy.server import ModelServer, ServeSettings, collect_text
 from tuneforge.deploy.protocol import RequestError
 from tuneforge.errors import UserError
-from tuneforge.model.trained import load_for_inference, read_run_meta
-
-MAX_NEW_TOKENS = 1024
+from tuneforge.method_registry import saves_whole_model
+from tuneforge.model.trained import load_for_inference
+from tuneforge.run_dir import read_meta
+from tuneforge.ui.settings import ANSWER, checked
 
 
 @dataclass
 class GenerationRequest:
     messages: list[dict[str, str]]
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
+    max_new_tokens: int = ANSWER.max_new_tokens  # defaults and ranges: ui/settings.py
+    temperature: float = ANSWER.temperature
+    top_p: float = ANSWER.top_p
 
     def check(self) -> None:
         if not self.messages or self.messages[-1].get("role") != "user":
             raise UserError("messages: the conversation must end with a user message")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise UserError(f"max_new_tokens: expected 1 to {MAX_NEW_TOKENS}, got {self.max_new_tokens}")
-        if not 0 <= self.temperature <= 2 or not 0 < self.top_p <= 1:
-            raise UserError("temperature must be in [0, 2] and top_p in (0, 1]")
+        for name in ("max_new_tokens", "temperature", "top_p"):
+            checked(name, getattr(self, name))
 
 
 class Playground:
@@ -51,7 +50,7 @@ class Playground:
     async def answer(self, model: str | Path, request: GenerationRequest) -> str:
         """`model`: a base model name (alias, hub id, directory) or a run directory (already confined)."""
         request.check()
-        if isinstance(model, Path) and _method(model) not in (*SERVABLE_METHODS, "full"):
+        if isinstance(model, Path) and not (_method(model) in SERVABLE_METHODS or saves_whole_model(_method(model))):
             loaded = await asyncio.to_thread(self._load_whole, model)
             return await asyncio.to_thread(_generate_whole, loaded, request)
         server, adapter = await asyncio.to_thread(self._server_for, model)
@@ -59,7 +58,7 @@ class Playground:
                                       add_special_tokens=False)["input_ids"]
         sampling = Sampling(max_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p)
         try:
-            text, _finished = await _collect(server.events(prompt_ids, adapter, sampling))
+            text, _finished = await collect_text(server.events(prompt_ids, adapter, sampling))
         except RequestError as exc:
             raise UserError(exc.message) from None
         return text
@@ -68,7 +67,7 @@ class Playground:
         with self._loading:
             if isinstance(model, Path) and _method(model) in SERVABLE_METHODS:
                 if model not in self._adapters:
-                    server = self._base_server(str(read_run_meta(model)["base_model"]))
+                    server = self._base_server(str(read_meta(model)["base_model"]))
                     name = f"run{len(self._adapters) + 1}"
                     # This is a worker thread (asyncio.to_thread): it can run the server's own coroutine to the end.
                     asyncio.run(server.load_adapter(name, model))
@@ -94,7 +93,7 @@ class Playground:
 
 
 def _method(run: Path) -> str | None:
-    meta = read_run_meta(run)
+    meta = read_meta(run)
     return None if meta is None else meta.get("method")
 
 
