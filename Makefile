@@ -42,7 +42,7 @@ demo: $(STAMP)
 	$(BIN)/tuneforge eval runs/demo --data examples/demo/test.jsonl --compare smollm2-135m-instruct --show 6 --out runs/demo/eval  # the report stays with the run: `tuneforge ui` shows its scores
 
 test: $(STAMP) $(TEST_TOOLS)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -105,7 +105,7 @@ class DataSource:
     weight: Union[float, None] = _f(
         None, "Share of each epoch's examples drawn from this source (weights are normalised; an epoch has as many "
         "examples as all sources together). Give every source a weight, or none.", min=0, min_exclusive=True,
-            resume=MUST_MATCH)
+        resume=MUST_MATCH)
     epochs: Union[float, None] = _f(
         None, "Passes over this source per training epoch (e.g. 0.5: a fresh half each epoch, 2: twice); default 1.",
         min=0, min_exclusive=True, resume=MUST_MATCH)
@@ -120,7 +120,7 @@ class DataSettings:
     train: Union[str, list[DataSource], None] = _f(
         None, "Training data: a JSONL/JSON/CSV/Parquet file or a saved `datasets` directory, or a list of sources "
         "{path, name, weight | epochs, max_rows, format} mixed by weight (see the README's 'Data mixing').",
-            resume=MUST_MATCH)
+        resume=MUST_MATCH)
     val: Union[str, list[DataSource], None] = _f(
         None, "Validation data (same forms; one loss per source is logged). When absent, `val_split` carves it from "
         "each training source.", resume=MUST_MATCH)
@@ -192,7 +192,7 @@ class TrainSettings:
     eval_metric_max_new_tokens: int = _f(64, "Longest generated answer for eval_metric.", min=1, resume=MAY_CHANGE)
     early_stopping_metric: Literal["val_loss", "eval_metric"] = _f(
         "val_loss", "What early stopping (and the best weights kept) follows: validation loss, or train.eval_metric.",
-            resume=MAY_CHANGE)
+        resume=MAY_CHANGE)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).",
         resume=MAY_CHANGE)
     compile: bool = _f(False, "torch.compile the decoder (dynamic shapes); see the README for what it gives here.",
