@@ -32,15 +32,20 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 MUST_MATCH, MAY_CHANGE = "must_match", "may_change"
 
 
-def _f(default: Any, help: str, *, resume: str, min: float | None = None, max: float | None = None,
-       min_exclusive: bool = False):
-    """A schema field: default, help text, its resume mark and an optional numeric range (checked by
-    `_check_value`)."""
-    assert resume in (MUST_MATCH, MAY_CHANGE), resume  # a schema bug, caught at import
-    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "resume": resume}
+def setting(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+            min_exclusive: bool = False, **extra):
+    """A settings field: default, help text and an optional numeric range (checked by `_check_value`). Serve, eval
+    and the UI use it for their settings, which no checkpoint holds; a run's keys use `_f`."""
+    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, **extra}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _f(default: Any, help: str, *, resume: str, **limits):
+    """A run config key: a `setting` that also carries its resume mark."""
+    assert resume in (MUST_MATCH, MAY_CHANGE), resume  # a schema bug, caught at import
+    return setting(default, help, resume=resume, **limits)
 
 
 @dataclass

@@ -306,7 +306,7 @@ def take_guard_baseline(run: Run) -> None:
 def train_epoch(run: Run, stop: StopRequests) -> None:
     """The rest of the current epoch's steps (all of them, unless resumed mid-epoch), each followed by the
     evaluations and checkpoints that are due; ends early at the last step, at early stopping or at a stop signal."""
-    state = run.state
+    state, t = run.state, run.cfg.train
     plan = epoch_steps(run.lengths, run.step_plan, state.epoch, run.pool_of(state.epoch) if run.pool_of else None)
     # On resume the first `step_in_epoch` steps of this epoch were already taken: the data position.
     for micro_batches in plan[state.step_in_epoch:]:
@@ -314,10 +314,8 @@ def train_epoch(run: Run, stop: StopRequests) -> None:
             return
         result = optimizer_step(run, micro_batches, stop)
         record_step(run, result)
-        if run.data.val and (state.step == run.total_steps or (run.cfg.train.eval_every
-                                                               and state.step % run.cfg.train.eval_every == 0)):
+        if run.data.val and (state.step == run.total_steps or (t.eval_every and state.step % t.eval_every == 0)):
             _act_on_evaluation(run, evaluate(run))
-        t = run.cfg.train
         save_due = state.step == run.total_steps or (t.save_every and state.step % t.save_every == 0)
         if save_due or run.stopped_early or result.stop_requested:
             saved = save_checkpoint(run)

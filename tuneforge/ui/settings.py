@@ -8,26 +8,21 @@ serves (`fill_page`), so no page repeats a default.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
-from tuneforge.config import MAY_CHANGE, _f
+from tuneforge.config import setting
 from tuneforge.errors import UserError
-
-# config's `_f` asks every field for its resume mark (what a `train --resume` may change); the dashboard's settings
-# are never in a checkpoint, so the mark is a formality here.
-_setting = functools.partial(_f, resume=MAY_CHANGE)
 
 
 @dataclass
 class AnswerSettings:
-    max_new_tokens: int = _setting(128, "Longest answer, in tokens (playground and review).", min=1, max=1024)
-    temperature: float = _setting(0.0, "Playground sampling temperature; 0: greedy.", min=0, max=2)
-    top_p: float = _setting(1.0, "Playground nucleus sampling: the likeliest tokens up to this total probability.",
-                            min=0.01, max=1)
-    limit: int = _setting(20, "Prompts in a new review: the first rows of its evaluation file (people read them all).",
-                          min=1, max=1000)
-    review_batch_size: int = _setting(8, "Prompts answered together while a review's answers are generated.", min=1)
+    max_new_tokens: int = setting(128, "Longest answer, in tokens (playground and review).", min=1, max=1024)
+    temperature: float = setting(0.0, "Playground sampling temperature; 0: greedy.", min=0, max=2)
+    top_p: float = setting(1.0, "Playground nucleus sampling: the likeliest tokens up to this total probability.",
+                           min=0.01, max=1)
+    limit: int = setting(20, "Prompts in a new review: the first rows of its evaluation file (people read them all).",
+                         min=1, max=1000)
+    review_batch_size: int = setting(8, "Prompts answered together while a review's answers are generated.", min=1)
 
 
 ANSWER = AnswerSettings()
