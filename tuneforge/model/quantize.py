@@ -54,10 +54,22 @@ def load_quantized_model(name: str, settings: QloraSettings, device: str, trust_
     except (RuntimeError, ValueError, ImportError) as exc:
         raise UserError(f"method qlora: cannot load {name!r} in 4 bits on {device}: "
                         f"{str(exc).splitlines()[0]}") from None
+    keep_training_arithmetic(model)
     before, after = weight_bytes(model)
     log.info("qlora: base model weights %.1f MB in float32 -> %.1f MB with %s linear layers (double quant %s)",
              before / 2**20, after / 2**20, settings.quant_type, "on" if settings.double_quant else "off")
     return model
+
+
+def keep_training_arithmetic(model: torch.nn.Module) -> None:
+    """Inference on the base uses the arithmetic training used. On CPUs with AVX512-BF16, bitsandbytes' Linear4bit
+    switches itself, in eval mode without gradients, to a repacked layout with bf16 block scales (and back when it
+    is saved): the adapter would then be evaluated, served and merged against a base a few bf16 ulps away from the
+    one it was trained on, and a save in the middle rounds the scales again (reload logits off by ~4e-3 on such a
+    machine). The fp32 dequantize path is kept everywhere instead."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
