@@ -1,7 +1,9 @@
 """Under torchrun: train several methods one after another in the same processes (one process group, so the test
 pays torchrun's start-up once).
 
-usage: torchrun --nproc_per_node 2 -m tests.unit.dist_methods_driver CONFIG.yaml OUT_ROOT method:mode ...
+usage: torchrun --nproc_per_node 2 -m tests.unit.dist_methods_driver CONFIG.yaml OUT_ROOT method:mode[@OTHER.yaml] ...
+
+Each run writes OUT_ROOT/method-mode, trained from CONFIG.yaml or, after an @, its own config file.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ def main() -> int:
     quiet_libraries()
     dist.init_process_group("gloo")
     for run in runs:
-        method, mode = run.split(":")
-        cfg = load_config(config_file, [f"method={method}", f"train.distributed={mode}",
+        spec, _, own_config = run.partition("@")
+        method, mode = spec.split(":")
+        cfg = load_config(own_config or config_file, [f"method={method}", f"train.distributed={mode}",
                                         f"output_dir={out_root}/{method}-{mode}"])
         train(cfg, show_progress=False)
     dist.destroy_process_group()

@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, run_cli, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.train.loop import train
 
@@ -123,18 +123,16 @@ def test_fsdp_two_processes_equal_one(fsdp_lora, one_process_lora):
     assert_same_run(one_process_lora, fsdp_lora)
 
 
-def test_fsdp_full_fine_tuning_equals_one_process_and_halves_state(tmp_path, tiny_model_dir, data_file):
-    cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, tmp_path / "fsdp", "full")
+def test_fsdp_full_fine_tuning_equals_one_process_and_halves_state(tmp_path, driven):
+    cfg_file, two = driven["full"], driven["out"] / "full-fsdp"
     train(load_config(cfg_file, ["train.grad_accum=4", f"output_dir={tmp_path / 'one'}"]), show_progress=False)
-    done = torchrun("-m", "tuneforge", "train", str(cfg_file), "train.distributed=fsdp", "--quiet")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_run(tmp_path / "one", tmp_path / "fsdp")
-    assert_trained(tmp_path / "one", tiny_model_dir)
+    assert_same_run(tmp_path / "one", two)
+    assert_trained(tmp_path / "one", driven["model"])
     # Each process holds half of the parameters, gradients and optimizer state (the per-process memory FSDP saves).
     def memory(run):
-        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return next(r["memory_per_process"] for r in records if "memory_per_process" in r)
-    (one,), two = memory("one"), memory("fsdp")
+    (one,), two = memory(tmp_path / "one"), memory(two)
     assert len(two) == 2
     for part in ("params_mib", "grads_mib", "optimizer_mib"):
         for rank in two:
@@ -176,10 +174,10 @@ def test_a_failing_rank_stops_the_whole_run(tmp_path, tiny_model_dir, data_file)
 
 def test_distributed_outside_torchrun_and_fsdp_qlora_are_refused(tmp_path, tiny_model_dir, data_file):
     cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, tmp_path / "run", "lora")
-    done = cli("train", str(cfg_file), "train.distributed=fsdp", "--quiet")
+    done = run_cli("train", str(cfg_file), "train.distributed=fsdp", "--quiet")
     assert done.returncode == 2
     assert "outside torchrun" in done.stderr and "--nproc" in done.stderr
-    done = cli("train", str(cfg_file), "method=qlora", "train.distributed=fsdp", "--nproc", "2")
+    done = run_cli("train", str(cfg_file), "method=qlora", "train.distributed=fsdp", "--nproc", "2")
     assert done.returncode == 2 and "use ddp" in done.stderr
     assert not (tmp_path / "run").exists()
 
@@ -190,25 +188,48 @@ def test_resume_with_another_process_count_is_refused(tmp_path, tiny_model_dir, 
     run = tmp_path / "run"
     shutil.copytree(fsdp_lora, run)
     cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, run, "lora", distributed="fsdp")
-    done = cli("train", str(cfg_file), "train.distributed=none", "--resume", "--quiet")
+    done = run_cli("train", str(cfg_file), "train.distributed=none", "--resume", "--quiet")
     assert done.returncode == 2
     assert "trained by 2 process(es), this run has 1" in done.stderr
 
 
 OTHER_METHODS = ["dora:fsdp", "adapter:fsdp", "prefix:fsdp", "prompt:fsdp", "qlora:ddp", "full:ddp"]
+EARLY_VAL_ANSWER = "zebra violet harbour"
 
 
-def test_other_methods_under_ddp_and_fsdp_equal_one_process(tmp_path, tiny_model_dir, data_file):
-    cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, tmp_path / "unused", "lora",
-                            max_steps=3, lr=1e-3)
-    done = torchrun("-m", "tests.unit.dist_methods_driver", str(cfg_file), str(tmp_path / "two"), *OTHER_METHODS)
+@pytest.fixture(scope="module")
+def driven(tmp_path_factory, tiny_model_dir, data_file):
+    """The two-process side of the method, full-FSDP and early-stopping comparisons: one torchrun launch for all of
+    them (tests.unit.dist_methods_driver), since each launch pays two interpreters' torch start-up."""
+    tmp = tmp_path_factory.mktemp("driven")
+    methods = write_config(tmp / "methods.yaml", tiny_model_dir, data_file, tmp / "unused", "lora", max_steps=3,
+                           lr=1e-3)
+    full = write_config(tmp / "full.yaml", tiny_model_dir, data_file, tmp / "unused", "full")
+    # Early stopping must trigger, and the best weights (gathered on rank 0, spread back to the shards) must be
+    # what is saved. It is made to trigger by the data, not by an overshooting learning rate: the validation
+    # answers are words the training answers never use, so every step that teaches the training answers takes
+    # probability from them and validation loss rises from the first evaluation on. At the suite's usual lr (2e-3)
+    # the two trajectories stay within float reduction order of each other; the earlier lr of 8e-2 over 4 epochs
+    # amplified that order into 1e-4 weight differences on some machines.
+    val_file = write_jsonl(tmp / "val.jsonl", [{**row, "output": EARLY_VAL_ANSWER} for row in rows()[:12]])
+    early = write_config(tmp / "early.yaml", tiny_model_dir, data_file, tmp / "unused", "lora", epochs=4,
+                         grad_accum=1, eval_every=1, early_stopping_patience=2)
+    config = yaml.safe_load(early.read_text())
+    config["data"]["val"] = str(val_file)
+    early.write_text(yaml.safe_dump(config))
+    done = torchrun("-m", "tests.unit.dist_methods_driver", str(methods), str(tmp / "two"), *OTHER_METHODS,
+                    f"full:fsdp@{full}", f"lora:fsdp@{early}")
     assert done.returncode == 0, done.stderr[-3000:]
+    return {"out": tmp / "two", "methods": methods, "full": full, "early": early, "model": tiny_model_dir}
+
+
+def test_other_methods_under_ddp_and_fsdp_equal_one_process(tmp_path, driven):
     for run in OTHER_METHODS:
         method, mode = run.split(":")
         one = tmp_path / "one" / method
-        train(load_config(cfg_file, [f"method={method}", "train.grad_accum=4", f"output_dir={one}"]),
+        train(load_config(driven["methods"], [f"method={method}", "train.grad_accum=4", f"output_dir={one}"]),
               show_progress=False)
-        two = tmp_path / "two" / f"{method}-{mode}"
+        two = driven["out"] / f"{method}-{mode}"
         ref, other = step_losses(one), step_losses(two)
         assert len(ref) == len(other) == 3 and max(abs(a - b) for a, b in zip(ref, other)) < TOLERANCE, (run, ref, other)
         ref_w, w = weights(one), weights(two)
@@ -216,29 +237,16 @@ def test_other_methods_under_ddp_and_fsdp_equal_one_process(tmp_path, tiny_model
         assert max((ref_w[k] - w[k]).abs().max().item() for k in ref_w) < TOLERANCE, run
 
 
-def test_fsdp_early_stopping_keeps_the_same_best_weights(tmp_path, tiny_model_dir, data_file):
-    # Early stopping must trigger, and the best weights (gathered on rank 0, spread back to the shards) must be what
-    # is saved. It is made to trigger by the data, not by an overshooting learning rate: the validation answers are
-    # words the training answers never use, so every step that teaches the training answers takes probability from
-    # them and validation loss rises from the first evaluation on. At the suite's usual lr (2e-3) the two
-    # trajectories stay within float reduction order of each other; the earlier lr of 8e-2 over 4 epochs amplified
-    # that order into 1e-4 weight differences on some machines.
-    val_rows = [{**row, "output": "zebra violet harbour"} for row in rows()[:12]]
-    val_file = write_jsonl(tmp_path / "val.jsonl", val_rows)
-    cfg_file = write_config(tmp_path / "run.yaml", tiny_model_dir, data_file, tmp_path / "unused", "lora",
-                            epochs=4, grad_accum=1, eval_every=1, early_stopping_patience=2)
-    config = yaml.safe_load(cfg_file.read_text())
-    config["data"]["val"] = str(val_file)
-    cfg_file.write_text(yaml.safe_dump(config))
-    done = torchrun("-m", "tests.unit.dist_methods_driver", str(cfg_file), str(tmp_path / "two"), "lora:fsdp")
-    assert done.returncode == 0, done.stderr[-3000:]
-    one = train(load_config(cfg_file, ["train.grad_accum=2", f"output_dir={tmp_path / 'one'}"]), show_progress=False)
+def test_fsdp_early_stopping_keeps_the_same_best_weights(tmp_path, driven):
+    one = train(load_config(driven["early"], ["train.grad_accum=2", f"output_dir={tmp_path / 'one'}"]),
+                show_progress=False)
     assert one.stopped_early and one.steps < 4 * 7  # it stopped before the end of 4 epochs of 7 steps
-    two_end = [json.loads(line) for line in (tmp_path / "two" / "lora-fsdp" / "metrics.jsonl").read_text().splitlines()][-1]
+    two = driven["out"] / "lora-fsdp"
+    two_end = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()][-1]
     assert two_end["stopped_early"] and two_end["step"] == one.steps
     assert abs(two_end["final_val_loss"] - one.val_loss) < TOLERANCE
-    ref_w, w = weights(tmp_path / "one"), weights(tmp_path / "two" / "lora-fsdp")
+    ref_w, w = weights(tmp_path / "one"), weights(two)
     worst = max((ref_w[k] - w[k]).abs().max().item() for k in ref_w)
     print(f"early-stopped FSDP vs one process: max |weight difference| = {worst:.2e}")
     assert worst < TOLERANCE
-    assert_trained(tmp_path / "one", tiny_model_dir)  # the kept best weights are trained ones, not the start
+    assert_trained(tmp_path / "one", driven["model"])  # the kept best weights are trained ones, not the start

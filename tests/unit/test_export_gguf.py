@@ -193,8 +193,10 @@ def test_tensors_round_trip_in_every_quant(exported, tiny_model_dir):
                 "blk.0.ffn_down.weight": state["model.layers.0.mlp.down_proj.weight"],
                 "blk.0.attn_norm.weight": state["model.layers.0.input_layernorm.weight"]}
     tolerance = {"f32": 0.0, "f16": 1e-3, "q8_0": 2e-2}
+    weight_bytes = {}
     for quant, path in exported.items():
-        tensors = {t.name: t for t in GGUFReader(path).tensors}
+        tensors = {t.name: t for t in GGUFReader(path).tensors}  # one read per file: parsing the vocabulary is slow
+        weight_bytes[quant] = sum(int(t.n_bytes) for t in tensors.values())
         assert len(tensors) == 2 * 9 + 2  # 9 per block, embeddings, final norm; tied output: no output.weight
         for name, reference in expected.items():
             tensor = tensors[name]
@@ -205,7 +207,6 @@ def test_tensors_round_trip_in_every_quant(exported, tiny_model_dir):
             values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
             values = values.reshape(reference.shape)
             assert (values - reference).abs().max() <= tolerance[quant] * reference.abs().max() + 1e-12, (quant, name)
-    weight_bytes = {quant: sum(int(t.n_bytes) for t in GGUFReader(path).tensors) for quant, path in exported.items()}
     assert weight_bytes["q8_0"] < 0.3 * weight_bytes["f32"] and weight_bytes["f16"] < 0.55 * weight_bytes["f32"]
 
 
@@ -215,7 +216,8 @@ def test_transformers_loads_the_file_with_the_source_logits_and_tokenizer(export
     reference = source_logits(tiny_model_dir)
     scale = reference.abs().max()
     assert (gguf_logits(exported["f32"]) - reference).abs().max() < 1e-5
-    assert (gguf_logits(exported["f16"]) - reference).abs().max() < 2e-3 * scale
+    # f16 is not loaded here: its values are checked against the source by gguf-py's reader above, and loading a
+    # file costs transformers ~6 s of vocabulary parsing; q8_0 is the lossy one whose logits are worth seeing.
     q8 = gguf_logits(exported["q8_0"])
     assert (q8 - reference).abs().max() < 3e-2 * scale
     assert (q8.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
