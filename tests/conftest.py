@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -121,7 +120,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                 code = main(list(args))
             except SystemExit as exit_:  # argparse's usage errors
                 code = exit_.code if isinstance(exit_.code, int) else 1
-            except Exception:  # a crash: a traceback on stderr and exit 1, as the interpreter would
+            except Exception:  # noqa: BLE001 - a crash: a traceback on stderr and exit 1, as the interpreter would
                 import traceback
 
                 traceback.print_exc()

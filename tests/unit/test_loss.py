@@ -8,9 +8,10 @@ import torch
 from tuneforge.train.loss import answer_token_loss_sum, naive_loss_sum
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])  # 1.5: Gemma's final-logit softcap, set low enough to bend
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, None])
 @pytest.mark.parametrize("weight_trains", [False, True])
-def test_chunked_equals_naive(chunk_rows, weight_trains):
+def test_chunked_equals_naive(chunk_rows, weight_trains, softcap):
     torch.manual_seed(0)
     n, d, vocab = 50, 32, 1000
     hidden = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
@@ -18,14 +19,14 @@ def test_chunked_equals_naive(chunk_rows, weight_trains):
     targets = torch.randint(0, vocab, (n,))
     upstream = 0.37  # an arbitrary scale, as when the step's loss is divided by its token count
 
-    ours = answer_token_loss_sum(hidden, weight, targets, chunk_rows)
+    ours = answer_token_loss_sum(hidden, weight, targets, chunk_rows, softcap=softcap)
     (ours * upstream).backward()
     ours_grads = (hidden.grad.clone(), weight.grad.clone() if weight_trains else None)
     hidden.grad = None
     if weight_trains:
         weight.grad = None
 
-    ref = naive_loss_sum(hidden, weight, targets)
+    ref = naive_loss_sum(hidden, weight, targets, softcap=softcap)
     (ref * upstream).backward()
     assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
     assert torch.allclose(ours_grads[0], hidden.grad, atol=1e-5, rtol=0)

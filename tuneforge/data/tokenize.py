@@ -53,14 +53,45 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
 
 
+def fit_to_template(tokenizer, messages) -> list[dict]:
+    """The conversation as the tokenizer's chat template takes it. Some templates have no system role (Gemma 2's
+    raises "System role not supported"); a system turn is then merged into the first user turn the way the family
+    does it itself (Gemma 3's template: the system text, a blank line, then the user's), not crashed on."""
+    messages = list(messages)
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    if _takes_system_role(tokenizer):
+        return messages
+    system, user = messages[0], messages[1]
+    return [{**user, "content": f"{system['content']}\n\n{user['content']}"}, *messages[2:]]
+
+
+_SYSTEM_ROLE: dict[str, bool] = {}  # chat template text -> whether it renders a system turn
+
+
+def _takes_system_role(tokenizer) -> bool:
+    template = tokenizer.chat_template
+    if template not in _SYSTEM_ROLE:
+        from jinja2.exceptions import TemplateError
+
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        try:
+            tokenizer.apply_chat_template(probe, tokenize=False)
+            _SYSTEM_ROLE[template] = True
+        except TemplateError:  # the template's own raise_exception(...)
+            _SYSTEM_ROLE[template] = False
+    return _SYSTEM_ROLE[template]
+
+
 def render_prompt(tokenizer, messages) -> str:
     """The text a model is given to answer `messages` (which end on a user turn)."""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(fit_to_template(tokenizer, messages), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def chat_pieces(tokenizer, messages) -> list[tuple[str, bool]]:
     """Split a rendered conversation into (text, is_answer) pieces whose concatenation is the full render."""
-    messages = list(messages)
+    messages = fit_to_template(tokenizer, messages)
     eos = tokenizer.eos_token or ""
     pieces: list[tuple[str, bool]] = []
     done = ""  # the rendered text consumed so far

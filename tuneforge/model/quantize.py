@@ -15,7 +15,7 @@ import torch
 
 from tuneforge.config import QloraSettings
 from tuneforge.errors import UserError
-from tuneforge.model.load import resolve_model
+from tuneforge.model.load import resolve_model, standard_attention_of
 from tuneforge.run_dir import read_config
 
 log = logging.getLogger("tuneforge")
@@ -45,9 +45,10 @@ def load_quantized_model(name: str, settings: QloraSettings, device: str, trust_
         bnb_4bit_compute_dtype=compute_dtype(settings, device),
     )
     try:
+        path = resolve_model(name)
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_model(name), quantization_config=quantization, device_map={"": device}, dtype=torch.float32,
-            trust_remote_code=trust_remote_code, attn_implementation="sdpa",
+            path, quantization_config=quantization, device_map={"": device}, dtype=torch.float32,
+            trust_remote_code=trust_remote_code, attn_implementation=standard_attention_of(path, trust_remote_code),
         )
     except OSError as exc:
         raise UserError(f"model: cannot load {name!r}: {str(exc).splitlines()[0]}") from None

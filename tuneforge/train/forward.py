@@ -22,7 +22,8 @@ def batch_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     inputs, predict_at = decoder_inputs(model, lm, batch)
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, predict_at)
-    return answer_token_loss_sum(hidden, lm.get_output_embeddings().weight, batch.targets)
+    softcap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma 2/3 cap the head's logits
+    return answer_token_loss_sum(hidden, lm.get_output_embeddings().weight, batch.targets, softcap=softcap)
 
 
 class AnswerTokenLossSum(torch.nn.Module):

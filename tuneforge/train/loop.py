@@ -41,7 +41,8 @@ from tuneforge.data.formats import Example
 from tuneforge.data.mixing import describe, epoch_pool, plan_shares
 from tuneforge.data.prepare import PreparedData, read_raw, tokenize_data
 from tuneforge.errors import ConfigError, DataError, OutputWriteError, Preempted, TrainingStopped, UserError
-from tuneforge.model.attention import use_packed_attention, use_standard_attention
+from tuneforge.model.attention import attention_paths, use_packed_attention, use_standard_attention
+from tuneforge.model.families import family_line
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
 from tuneforge.train import checkpoint as ckpt
@@ -242,6 +243,8 @@ def _prepare_model(cfg: RunConfig, device: str, world: distributed.World) -> tor
         for layer in causal_lm_of(model).get_decoder().layers:
             layer.compile(dynamic=True)
     if world.is_main:
+        log.info("%s", family_line(model.config))
+        log.info("%s", attention_paths(model.config, cfg.data.packing))
         log.info("%s", parameter_report(model))
     return model
 

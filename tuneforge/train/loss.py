@@ -5,6 +5,9 @@ those rows, then run the output projection and cross-entropy in chunks. The grad
 respect to the logits is `softmax - onehot`, which we compute in the same pass as the loss, so backward needs no
 second projection and no stored logits: per chunk, one matmul for logits and one (two when the head itself trains)
 for the gradients. Peak extra memory is one chunk of logits.
+
+Gemma 2/3 cap the head's logits (`final_logit_softcapping` c: logits = c * tanh(z / c)); the gradient then gains the
+factor 1 - tanh^2(z / c), applied in the same pass.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows):
+    def forward(ctx, hidden, weight, targets, chunk_rows, softcap):
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax in at least fp32, even under bf16
         loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -27,11 +30,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
             logits = (h @ weight.t()).to(acc)
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_hidden_grad or need_weight_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum CE)/d(logits)
+                if softcap is not None:  # chain rule through c * tanh(z / c)
+                    probs.mul_(1.0 - capped * capped)
                 probs = probs.to(h.dtype)
                 if need_hidden_grad:
                     grad_hidden[start : start + chunk_rows] = probs @ weight
@@ -46,21 +54,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
         dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
         dw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 def answer_token_loss_sum(
-    hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+    hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Sum of cross-entropy over `targets` given the matching rows of `hidden` ([N, d]) and head weight [V, d]."""
+    """Sum of cross-entropy over `targets` given the matching rows of `hidden` ([N, d]) and head weight [V, d];
+    `softcap`: the model's final logit softcapping, if it has one."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph connected for an empty micro-batch
     if chunk_rows is None:
         chunk_rows = max(16, CHUNK_ELEMENTS // head_weight.shape[0])
-    return _ChunkedLinearCrossEntropy.apply(hidden, head_weight, targets, chunk_rows)
+    return _ChunkedLinearCrossEntropy.apply(hidden, head_weight, targets, chunk_rows, softcap)
 
 
-def naive_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def naive_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                   softcap: float | None = None) -> torch.Tensor:
     """Reference implementation (full logits); used by tests to check the chunked one."""
     logits = (hidden @ head_weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")

@@ -1,0 +1,104 @@
+"""Every model family through the stages after training: `all-linear` LoRA finds every projection (Phi-3's fused
+qkv_proj and gate_up_proj included), the adapter tuneforge saves reloads with plain PEFT to the trained model's
+logits, and `merge` equals the adapter on its base.
+
+Each family is a tiny random model (tests/families.py) with the embedded tokenizer, trained by tuneforge's own loop
+for three packed steps whose rows are longer than the sliding window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import write_jsonl
+from tests.families import FAMILIES, tiny_model
+from tuneforge.config import load_config
+from tuneforge.train.loop import train
+
+IDS = torch.tensor([[1, 520, 9531, 198, 42, 2, 198, 1, 4093, 77, 310, 5021, 61, 198, 905, 12]])
+
+
+def rows(n=12):
+    return [{"instruction": f"Count from {i} to {i + 6} in words, then stop.", "output": " ".join(
+        ["one", "two", "three", "four", "five", "six", "seven"][: 3 + i % 4])} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("family-data") / "train.jsonl", rows())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_run(request, tokenizer, data_file, tmp_path_factory):
+    family = request.param
+    folder = tmp_path_factory.mktemp(f"family-{family}")
+    tiny_model(family, len(tokenizer)).save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    result = train(load_config(None, [f"model={folder / 'base'}", f"data.train={data_file}",
+                                      f"output_dir={folder / 'run'}", "method=lora", "lora.dropout=0",
+                                      "lora.r=4", "train.batch_size=4", "train.max_steps=3", "train.lr=1e-2",
+                                      "train.warmup_ratio=0", "train.save_every=0", "data.val_split=0"]),
+                   show_progress=False)
+    return family, folder / "base", result
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+def test_all_linear_lora_targets_every_projection(family_run):
+    import json
+
+    family, base_dir, result = family_run
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    layer = base.get_decoder().layers[0]
+    projections = {name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    if family == "phi3":
+        assert projections == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    else:
+        assert projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    saved = json.loads((result.run_dir / "adapter_config.json").read_text())["target_modules"]
+    targeted = {name.rsplit(".", 1)[-1] for name in saved}  # PEFT saves all-linear as the modules it found
+    assert targeted == projections
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in result.model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == projections
+
+
+def test_adapter_reloads_with_plain_peft_and_merge_equals_it(family_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.deploy.merge import merge_run
+
+    _, base_dir, result = family_run
+    trained = logits(result.model)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      result.run_dir)
+    on_base = logits(plain)
+    assert (on_base - trained).abs().max().item() < 1e-5
+    untouched = logits(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32))
+    assert (untouched - on_base).abs().max().item() > 1e-3  # the adapter learned something, so the checks bite
+    merged_dir = merge_run(result.run_dir, tmp_path / "merged")
+    merged = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32))
+    assert (merged - on_base).abs().max().item() < 1e-4
+
+
+NOT_YET_EXPORTED = ["qwen3", "gemma2", "gemma3", "phi3"]  # GGUF export: llama, mistral, qwen2 (test_export_gguf.py)
+
+
+@pytest.mark.parametrize("family", NOT_YET_EXPORTED)
+def test_gguf_export_of_a_family_it_cannot_write_yet_is_one_line_and_writes_nothing(family, tokenizer, tmp_path):
+    from tuneforge.deploy.gguf_export import export_gguf
+    from tuneforge.errors import UserError
+
+    source = tmp_path / "model"
+    tiny_model(family, len(tokenizer)).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    with pytest.raises(UserError, match=r"cannot be exported to GGUF yet \(supported: llama, mistral, qwen2\)") as err:
+        export_gguf(str(source), tmp_path / "out.gguf", "f32")
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".*.gguf*"))
