@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import EMBEDDED, ROOT, free_port, wait_until_serving
-from tests.unit.test_export_gguf import (LLAMA_CPP_RUNNER, assert_llama_cpp_matches, llama_cpp_greedy,
+from tests.unit.test_export_gguf import (LLAMA_CPP_RUNNER, Greedy, assert_llama_cpp_matches, llama_cpp_greedy,
                                          needs_llama_cpp, transformers_greedy)
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +66,7 @@ def merged_model(merged):
 
 
 @pytest.fixture(scope="module")
-def greedy(merged_model, prompts) -> list[tuple[list[int], list[float]]]:
+def greedy(merged_model, prompts) -> list[Greedy]:
     """The merged model's greedy continuation (16 tokens, past <|im_end|>) of each prompt, with probabilities."""
     return [transformers_greedy(merged_model, ids, 16) for _, ids in prompts]
 
@@ -137,7 +137,7 @@ def test_llama_cpp_answers_as_the_merged_model(gguf_f32, merged, greedy, prompts
     from tuneforge.deploy.gguf_export import export_gguf
 
     assert_llama_cpp_matches(llama_cpp_greedy(gguf_f32, prompts, 16), greedy, prompts)
-    for tokens, _ in greedy:  # the trained answer format, then <|im_end|>
+    for tokens, *_ in greedy:  # the trained answer format, then <|im_end|>
         assert ANSWER.fullmatch(tokenizer.decode(answer_tokens(tokens, tokenizer)))
     q8 = export_gguf(str(merged), gguf_f32.with_name("demo-q8_0.gguf"), "q8_0")
     assert q8.stat().st_size < 0.3 * gguf_f32.stat().st_size

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -106,26 +107,59 @@ def llama_cpp_greedy(gguf_file: Path, prompts: list[tuple[str, list[int]]], max_
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def transformers_greedy(model, ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens (no stopping at end-of-generation, like llama_cpp_greedy) and the probability of each."""
-    tokens, probabilities = [], []
+class Greedy(NamedTuple):
+    """transformers' greedy continuation: per step the token, its probability, the runner-up and the log-probability
+    gap between them (how far another runtime's rounding would have to move the logits to flip the choice)."""
+    tokens: list[int]
+    probabilities: list[float]
+    runners_up: list[int]
+    gaps: list[float]
+
+
+def transformers_greedy(model, ids: list[int], max_tokens: int) -> Greedy:
+    """Greedy tokens (no stopping at end-of-generation, like llama_cpp_greedy), with probabilities and margins."""
+    greedy = Greedy([], [], [], [])
     with torch.no_grad():
         for _ in range(max_tokens):  # the whole sequence each step: short prompts, and no cache API to depend on
-            probs = model(input_ids=torch.tensor([ids + tokens])).logits[0, -1].float().softmax(-1)
-            tokens.append(int(probs.argmax()))
-            probabilities.append(float(probs[tokens[-1]]))
-    return tokens, probabilities
+            logprobs = model(input_ids=torch.tensor([ids + greedy.tokens])).logits[0, -1].float().log_softmax(-1)
+            top = logprobs.topk(2)
+            greedy.tokens.append(int(top.indices[0]))
+            greedy.probabilities.append(float(top.values[0].exp()))
+            greedy.runners_up.append(int(top.indices[1]))
+            greedy.gaps.append(float(top.values[0] - top.values[1]))
+    return greedy
 
 
-def assert_llama_cpp_matches(answers: list[dict], expected: list[tuple[list[int], list[float]]],
-                             prompts: list[tuple[str, list[int]]]) -> None:
+# A step whose top two tokens are closer than this (in log-probability) is a tie at llama.cpp's precision: its f16
+# KV cache moves probabilities by up to 3.5% (measured, see assert_llama_cpp_matches), i.e. log-probabilities by
+# about 0.035. A random tiny model has such ties (a Qwen3 one: 0.4610 against 0.4568, a gap of 0.009).
+TIE = 0.1
+
+
+def assert_llama_cpp_matches(answers: list[dict], expected: list[Greedy], prompts: list[tuple[str, list[int]]],
+                             min_compared: float = 0.75) -> None:
     """Same tokenization, same greedy tokens; where llama.cpp reports probabilities, the same ones (f32 file) up to
-    llama.cpp's f16 KV cache: at most 3.5% apart, measured over 10 held-out demo prompts x 16 tokens."""
-    for answer, (tokens, probabilities), (text, ids) in zip(answers, expected, prompts):
+    llama.cpp's f16 KV cache: at most 3.5% apart, measured over 10 held-out demo prompts x 16 tokens.
+
+    At a tie (gap below TIE) llama.cpp may take transformers' runner-up instead; the two continuations then differ
+    legitimately, so that prompt is compared up to there only. At least `min_compared` of all steps must be compared,
+    so a model of ties cannot pass by comparing nothing."""
+    compared = total = 0
+    for answer, greedy, (text, ids) in zip(answers, expected, prompts):
         assert answer["tokenized"] == ids, text  # llama.cpp tokenizes the text as the HF tokenizer does
-        assert answer["tokens"] == tokens, text
-        if "probabilities" in answer:
-            assert np.allclose(answer["probabilities"], probabilities, rtol=0.1, atol=1e-4), text
+        total += len(greedy.tokens)
+        for step, token in enumerate(answer["tokens"]):
+            tie = greedy.gaps[step] < TIE
+            assert token == greedy.tokens[step] or (tie and token == greedy.runners_up[step]), (text, step)
+            if "probabilities" in answer:
+                assert np.isclose(answer["probabilities"][step], greedy.probabilities[step], rtol=0.1, atol=1e-4) or \
+                    token != greedy.tokens[step], (text, step)
+            compared += 1
+            if token != greedy.tokens[step]:
+                break
+        else:
+            assert len(answer["tokens"]) == len(greedy.tokens), text
+    assert compared >= min_compared * total, f"only {compared} of {total} steps compared: too many ties"
 
 
 def source_logits(model_dir: Path) -> torch.Tensor:
@@ -227,9 +261,11 @@ def test_transformers_loads_the_file_with_the_source_logits_and_tokenizer(export
     assert rebuilt.chat_template == tokenizer.chat_template
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma2", "phi3"])
+@needs_llama_cpp
 def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, monkeypatch, model_type):
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+    from transformers import (AutoModelForCausalLM, Gemma2Config, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     from tuneforge.deploy import gguf_export
 
@@ -238,11 +274,19 @@ def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, m
     monkeypatch.setattr(gguf_export, "load_tokenizer", lambda source: tokenizer)
 
     values = tiny_llama_config(len(tokenizer)).to_dict()
-    keep = {k: values[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    values["initializer_range"] = 0.2
+    keep = {k: values[k] for k in ("initializer_range", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                                    "tie_word_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id",
                                    "pad_token_id")}
-    config = MistralConfig(**keep, sliding_window=None) if model_type == "mistral" else Qwen2Config(**keep)
+    # Gemma 2: head_dim = query_pre_attn_scalar = 256 and the default softcaps, because neither transformers' GGUF
+    # reader nor llama.cpp takes those from the file (both use the head size, and the reader its default caps).
+    # Phi-3 without a sliding window: transformers' GGUF reader drops it (llama.cpp reads it).
+    config = {"mistral": lambda: MistralConfig(**keep, sliding_window=None), "qwen2": lambda: Qwen2Config(**keep),
+              # Qwen3 at its default head_dim (128): transformers' GGUF reader does not take key_length for it.
+              "qwen3": lambda: Qwen3Config(**keep, head_dim=128),
+              "gemma2": lambda: Gemma2Config(**keep, head_dim=256, query_pre_attn_scalar=256, sliding_window=8),
+              "phi3": lambda: Phi3Config(**{**keep, "tie_word_embeddings": False}, sliding_window=None)}[model_type]()
     torch.manual_seed(1)
     # Not named after the family: transformers' GGUF loader guesses Mistral from a name containing "mistral".
     source = tmp_path / "tiny-model"
@@ -250,6 +294,12 @@ def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, m
     tokenizer.save_pretrained(source)
     out = gguf_export.export_gguf(str(source), tmp_path / "tiny.gguf", "f32")
     assert (gguf_logits(out) - source_logits(source)).abs().max() < 1e-5
+    # llama.cpp runs the family's graph on it with transformers' greedy tokens (sharp weights: see sharp_model_dir).
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    prompts = [(text, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in LLAMA_CPP_TEXTS]
+    expected = [transformers_greedy(model, ids, 6) for _, ids in prompts]
+    assert len({greedy.tokens[0] for greedy in expected}) > 1  # the model tells the prompts apart
+    assert_llama_cpp_matches(llama_cpp_greedy(out, prompts, 6), expected, prompts)
 
 
 def test_a_lora_run_is_exported_merged(tiny_model_dir, tmp_path):
@@ -299,6 +349,10 @@ def test_bad_exports_are_refused_in_one_line(tiny_model_dir, tokenizer, tmp_path
     assert taken.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any new file is, not owner-only
 
 
+LLAMA_CPP_TEXTS = ["The capital of Finland is", "def add(a, b):", "Ines Kowalski opened a cafe in",
+                   "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
+
+
 @pytest.fixture(scope="module")
 def sharp_model_dir(tokenizer, tmp_path_factory) -> Path:
     """The tiny Llama with 10x larger random weights. At the usual 0.02 scale attention is nearly uniform and every
@@ -319,17 +373,15 @@ def test_llama_cpp_greedy_output_matches_transformers(sharp_model_dir, tokenizer
     from tuneforge.deploy.gguf_export import export_gguf
 
     model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
-    texts = ["The capital of Finland is", "def add(a, b):", "Ines Kowalski opened a cafe in",
-             "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
-    prompts = [(text, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    prompts = [(text, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in LLAMA_CPP_TEXTS]
     expected = [transformers_greedy(model, ids, 8) for _, ids in prompts]
-    assert len({tokens[0] for tokens, _ in expected}) == len(prompts)  # the model really tells the prompts apart
+    assert len({greedy.tokens[0] for greedy in expected}) == len(prompts)  # the model really tells the prompts apart
     f32 = export_gguf(str(sharp_model_dir), tmp_path / "sharp-f32.gguf", "f32")
     assert_llama_cpp_matches(llama_cpp_greedy(f32, prompts, 8), expected, prompts)
     q8 = export_gguf(str(sharp_model_dir), tmp_path / "sharp-q8_0.gguf", "q8_0")
     quantized = llama_cpp_greedy(q8, prompts, 8)
     assert all(len(answer["tokens"]) == 8 for answer in quantized)  # loads and answers
-    first = [answer["tokens"][0] == tokens[0] for answer, (tokens, _) in zip(quantized, expected)]
+    first = [answer["tokens"][0] == greedy.tokens[0] for answer, greedy in zip(quantized, expected)]
     # Random weights give flat distributions (top token ~0.5%), so 8-bit rounding may flip a near tie: most first
     # tokens agree, not all; the e2e test checks q8_0 answers on a trained model.
     print(f"llama.cpp ({LLAMA_CPP_RUNNER}): f32 greedy = transformers token for token; q8_0 first token agrees on "

@@ -87,7 +87,7 @@ def test_adapter_reloads_with_plain_peft_and_merge_equals_it(family_run, tmp_pat
     assert (merged - on_base).abs().max().item() < 1e-4
 
 
-NOT_YET_EXPORTED = ["qwen3", "gemma2", "gemma3", "phi3"]  # GGUF export: llama, mistral, qwen2 (test_export_gguf.py)
+NOT_YET_EXPORTED = ["gemma3"]  # GGUF export: llama, mistral, qwen2, qwen3, gemma2, phi3 (test_export_gguf.py)
 
 
 @pytest.mark.parametrize("family", NOT_YET_EXPORTED)
@@ -98,7 +98,28 @@ def test_gguf_export_of_a_family_it_cannot_write_yet_is_one_line_and_writes_noth
     source = tmp_path / "model"
     tiny_model(family, len(tokenizer)).save_pretrained(source)
     tokenizer.save_pretrained(source)
-    with pytest.raises(UserError, match=r"cannot be exported to GGUF yet \(supported: llama, mistral, qwen2\)") as err:
+    refusal = r"cannot be exported to GGUF yet \(supported: gemma2, llama, mistral, phi3, qwen2, qwen3\)"
+    with pytest.raises(UserError, match=refusal) as err:
         export_gguf(str(source), tmp_path / "out.gguf", "f32")
     assert "\n" not in str(err.value)
     assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".*.gguf*"))
+
+
+def test_serve_answers_with_the_adapter_as_load_for_inference_greedy_does(family_run):
+    from fastapi.testclient import TestClient
+
+    from tests.unit.test_serve import AUTH, KEY, Reference, chat_body
+    from tuneforge.deploy.server import ServeSettings, build_app, load_server
+
+    _, base_dir, result = family_run
+    settings = ServeSettings(api_key=KEY, max_tokens_limit=16, max_model_len=128, max_concurrent=2, max_batch=2)
+    served = load_server(str(base_dir), [("tuned", str(result.run_dir))], settings)
+    try:
+        with TestClient(build_app(served)) as client:
+            reply = client.post("/v1/chat/completions", headers=AUTH, json=chat_body("tuned", "Count to three.", 6))
+    finally:
+        served.engine.close()
+    assert reply.status_code == 200, reply.text
+    text, count = Reference().chat(str(result.run_dir), "Count to three.", 6)
+    body = reply.json()
+    assert body["choices"][0]["message"]["content"] == text and body["usage"]["completion_tokens"] == count

@@ -1,7 +1,9 @@
 """`tuneforge export --format gguf`: a run or model as one GGUF file that llama.cpp (and Ollama, LM Studio...) load.
 
 Written with the `gguf` package, following llama.cpp's own converter (convert_hf_to_gguf.py) for the `llama`
-architecture (Llama, Mistral, SmolLM) and `qwen2`: llama.cpp tensor names, hyperparameters as metadata, the
+architecture (Llama, Mistral, SmolLM), `qwen2`, `qwen3` (its QK-norm weights are attn_q_norm/attn_k_norm),
+`gemma2` (norm weights stored as 1 + w, softcaps and sliding window as metadata) and `phi3` (fused qkv and gate_up
+kept fused, as llama.cpp reads them): llama.cpp tensor names, hyperparameters as metadata, the
 tokenizer (GPT-2 style byte-level BPE with its merges, or SentencePiece-style BPE with scores) and the chat template.
 A LoRA/DoRA/QLoRA run is merged in memory first (see merge.py).
 """
@@ -30,7 +32,11 @@ log = logging.getLogger("tuneforge")
 QUANTS = ("f32", "f16", "q8_0")
 
 # HF model_type -> llama.cpp architecture, and whether llama.cpp wants q/k rows in its own rotary order.
-ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
+                 "qwen3": ("QWEN3", False), "gemma2": ("GEMMA2", False), "phi3": ("PHI3", False)}
+# Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's graph multiplies by the stored weight, so its converter
+# stores 1 + weight (and transformers' GGUF reader subtracts the 1 again).
+NORM_PLUS_ONE = {"gemma2"}
 
 # llama.cpp recognises a BPE pre-tokenizer by the hash of the token ids of one fixed text (convert_hf_to_gguf.py's
 # get_vocab_base_pre); the families we export.
@@ -132,9 +138,14 @@ def _add_hyperparameters(writer, config, source: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    if head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type == "gemma2":
+        writer.add_key_length(head_dim)  # (llama.cpp's Gemma 2 reads its head size only from here)
         writer.add_value_length(head_dim)
+    if config.model_type == "gemma2":  # softcaps as metadata: llama.cpp applies them in its graph
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
+    if getattr(config, "sliding_window", None) and config.model_type in ("gemma2", "phi3"):
+        writer.add_sliding_window(int(config.sliding_window))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
@@ -198,6 +209,8 @@ def _tensors(model, gguf, arch, permute_qk: bool, source: str):
         if gguf_name is None:
             raise UserError(f"{source}: weight {hf_name} has no llama.cpp equivalent for {config.model_type}")
         data = tensor.detach().to(torch.float32)
+        if config.model_type in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
+            data = data + 1.0
         if permute_qk and hf_name.endswith("q_proj.weight"):
             data = _rotary_permute(data, n_head)
         elif permute_qk and hf_name.endswith("k_proj.weight"):
