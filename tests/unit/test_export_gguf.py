@@ -261,11 +261,11 @@ def test_transformers_loads_the_file_with_the_source_logits_and_tokenizer(export
     assert rebuilt.chat_template == tokenizer.chat_template
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma2", "phi3"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 @needs_llama_cpp
 def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, monkeypatch, model_type):
-    from transformers import (AutoModelForCausalLM, Gemma2Config, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     from tuneforge.deploy import gguf_export
 
@@ -286,6 +286,9 @@ def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, m
               # Qwen3 at its default head_dim (128): transformers' GGUF reader does not take key_length for it.
               "qwen3": lambda: Qwen3Config(**keep, head_dim=128),
               "gemma2": lambda: Gemma2Config(**keep, head_dim=256, query_pre_attn_scalar=256, sliding_window=8),
+              # Gemma 3 as llama.cpp runs it: 5 local : 1 global layers, query scale 1/sqrt(head size), no softcaps.
+              "gemma3": lambda: Gemma3TextConfig(**{**keep, "num_hidden_layers": 6}, head_dim=256,
+                                                 query_pre_attn_scalar=256, sliding_window=8),
               "phi3": lambda: Phi3Config(**{**keep, "tie_word_embeddings": False}, sliding_window=None)}[model_type]()
     torch.manual_seed(1)
     # Not named after the family: transformers' GGUF loader guesses Mistral from a name containing "mistral".

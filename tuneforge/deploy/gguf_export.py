@@ -2,8 +2,8 @@
 
 Written with the `gguf` package, following llama.cpp's own converter (convert_hf_to_gguf.py) for the `llama`
 architecture (Llama, Mistral, SmolLM), `qwen2`, `qwen3` (its QK-norm weights are attn_q_norm/attn_k_norm),
-`gemma2` (norm weights stored as 1 + w, softcaps and sliding window as metadata) and `phi3` (fused qkv and gate_up
-kept fused, as llama.cpp reads them): llama.cpp tensor names, hyperparameters as metadata, the
+`gemma2` (norm weights stored as 1 + w, softcaps and sliding window as metadata), `gemma3` (text: the same norms, QK-norm,
+global-layer RoPE) and `phi3` (fused qkv and gate_up kept fused, as llama.cpp reads them): llama.cpp tensor names, hyperparameters as metadata, the
 tokenizer (GPT-2 style byte-level BPE with its merges, or SentencePiece-style BPE with scores) and the chat template.
 A LoRA/DoRA/QLoRA run is merged in memory first (see merge.py).
 """
@@ -33,10 +33,15 @@ QUANTS = ("f32", "f16", "q8_0")
 
 # HF model_type -> llama.cpp architecture, and whether llama.cpp wants q/k rows in its own rotary order.
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
-                 "qwen3": ("QWEN3", False), "gemma2": ("GEMMA2", False), "phi3": ("PHI3", False)}
+                 "qwen3": ("QWEN3", False), "gemma2": ("GEMMA2", False), "gemma3_text": ("GEMMA3", False),
+                 "phi3": ("PHI3", False)}
 # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's graph multiplies by the stored weight, so its converter
 # stores 1 + weight (and transformers' GGUF reader subtracts the 1 again).
-NORM_PLUS_ONE = {"gemma2"}
+NORM_PLUS_ONE = {"gemma2", "gemma3_text"}
+# llama.cpp's Gemma graphs take some hyperparameters from the model size, not the file (llama-model.cpp): the
+# attention scale is 1/sqrt(head size) except for the 27B models (identified by their layer count), and Gemma 3 has
+# 5 local layers to 1 global, local RoPE base 10000 and no softcaps. A config that differs would run as another model.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 
 # llama.cpp recognises a BPE pre-tokenizer by the hash of the token ids of one fixed text (convert_hf_to_gguf.py's
 # get_vocab_base_pre); the families we export.
@@ -76,6 +81,8 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
                         f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     arch_name, permute_qk = ARCHITECTURES[arch_key]
     arch = getattr(gguf.MODEL_ARCH, arch_name)
+    if arch_key in GEMMA_27B_LAYERS:
+        _check_llama_cpp_runs_gemma(config, source)
 
     handle, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", dir=out_file.parent)
     os.close(handle)
@@ -128,6 +135,30 @@ def _file_type(gguf, quant: str) -> int:
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
 
 
+def _check_llama_cpp_runs_gemma(config, source: str) -> None:
+    """Refuse (one line, before any work) a Gemma config that llama.cpp would run with other hyperparameters."""
+    family, head_dim = config.model_type, config.head_dim
+    scalar = (config.hidden_size // config.num_attention_heads
+              if config.num_hidden_layers == GEMMA_27B_LAYERS[family] else head_dim)
+    problems = []
+    if config.query_pre_attn_scalar != scalar:
+        problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} (llama.cpp uses {scalar})")
+    if family == "gemma3_text":
+        expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                    for i in range(config.num_hidden_layers)]
+        if list(config.layer_types) != expected:
+            problems.append("layer_types other than 5 sliding : 1 full (llama.cpp assumes that pattern)")
+        local = config.rope_parameters.get("sliding_attention", {})
+        if float(local.get("rope_theta", 10000.0)) != 10000.0 or local.get("rope_type", "default") != "default":
+            problems.append(f"sliding-layer RoPE {local} (llama.cpp uses theta 10000, unscaled)")
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, cap, None):
+                problems.append(f"{cap} {getattr(config, cap)} (llama.cpp's gemma3 has none)")
+    if problems:
+        raise UserError(f"{source}: this {family} config cannot run in llama.cpp as trained: {'; '.join(problems)}; "
+                        f"`tuneforge merge` writes it as a transformers model instead")
+
+
 def _add_hyperparameters(writer, config, source: str) -> None:
     import gguf
 
@@ -138,13 +169,13 @@ def _add_hyperparameters(writer, config, source: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type == "gemma2":
-        writer.add_key_length(head_dim)  # (llama.cpp's Gemma 2 reads its head size only from here)
+    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type in GEMMA_27B_LAYERS:
+        writer.add_key_length(head_dim)  # (llama.cpp's Gemmas read their head size only from here)
         writer.add_value_length(head_dim)
     if config.model_type == "gemma2":  # softcaps as metadata: llama.cpp applies them in its graph
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
-    if getattr(config, "sliding_window", None) and config.model_type in ("gemma2", "phi3"):
+    if getattr(config, "sliding_window", None) and config.model_type in ("gemma2", "gemma3_text", "phi3"):
         writer.add_sliding_window(int(config.sliding_window))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
@@ -166,7 +197,10 @@ def _add_hyperparameters(writer, config, source: str) -> None:
 
 def _rope_parameters(config) -> dict:
     # transformers 5 keeps theta and scaling together in rope_parameters; older configs use rope_theta/rope_scaling.
+    # Gemma 3 keeps one set per layer type: the file's rope.* keys describe the global layers (llama.cpp fixes the
+    # local ones, see _check_llama_cpp_runs_gemma).
     rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope = dict(rope.get("full_attention", rope))
     if "rope_theta" not in rope and getattr(config, "rope_theta", None) is not None:
         rope["rope_theta"] = config.rope_theta
     rope.update(getattr(config, "rope_scaling", None) or {})

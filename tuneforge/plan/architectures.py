@@ -48,6 +48,18 @@ BUNDLED: dict[str, BundledModel] = {
     "qwen2.5-7b": BundledModel("qwen2.5-7b.json", ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"), 7_615_616_512),
     "smollm2-135m": BundledModel("smollm2-135m.json", (EMBEDDED_MODEL, "HuggingFaceTB/SmolLM2-135M",
                                                        "HuggingFaceTB/SmolLM2-135M-Instruct"), 134_515_008),
+    "qwen3-8b": BundledModel("qwen3-8b.json", ("Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"), 8_190_735_360),
+    "gemma-2-9b": BundledModel("gemma-2-9b.json", ("google/gemma-2-9b", "google/gemma-2-9b-it"), 9_241_705_984),
+    "gemma-3-1b": BundledModel("gemma-3-1b.json", ("google/gemma-3-1b-pt", "google/gemma-3-1b-it"), 999_885_952),
+    # Gemma 3 from 4B up is multimodal (Gemma3ForConditionalGeneration): its published totals include the SigLIP
+    # vision tower (~417M) and projector, which planning counts as frozen weights beside the trained language model.
+    "gemma-3-4b": BundledModel("gemma-3-4b.json", ("google/gemma-3-4b-pt", "google/gemma-3-4b-it"), 4_300_079_472),
+    "gemma-3-12b": BundledModel("gemma-3-12b.json", ("google/gemma-3-12b-pt", "google/gemma-3-12b-it"),
+                                12_187_325_040),
+    "gemma-3-27b": BundledModel("gemma-3-27b.json", ("google/gemma-3-27b-pt", "google/gemma-3-27b-it"),
+                                27_432_406_640),
+    # The 4k-context model; Phi-3-mini-128k has the same shapes but its own longrope scaling, not bundled.
+    "phi-3-mini-4k": BundledModel("phi-3-mini-4k.json", ("microsoft/Phi-3-mini-4k-instruct",), 3_821_079_552),
     # GPT-3 175B's shapes (d_model 12288, 96 layers, d_ff 4 x d_model; GPT-3 paper, table 2.1) in the OPT layout,
     # which has separate q/k/v/out projections, so the LoRA paper's "Wq and Wv" can be named.
     "gpt3-175b": BundledModel("gpt3-175b.json", ("facebook/opt-175b",), None),
