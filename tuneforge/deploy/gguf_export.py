@@ -39,9 +39,8 @@ ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": 
 # stores 1 + weight (and transformers' GGUF reader subtracts the 1 again).
 NORM_PLUS_ONE = {"gemma2", "gemma3_text"}
 # llama.cpp's Gemma graphs take some hyperparameters from the model size, not the file (llama-model.cpp): the
-# attention scale is 1/sqrt(head size) except for the 27B models (identified by their layer count), and Gemma 3 has
-# 5 local layers to 1 global, local RoPE base 10000 and no softcaps. A config that differs would run as another model.
-GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+# attention scale (see load.llama_cpp_query_scalar), and Gemma 3's 5 local layers to 1 global, local RoPE base 10000
+# and no softcaps. A config that differs would run as another model.
 
 # llama.cpp recognises a BPE pre-tokenizer by the hash of the token ids of one fixed text (convert_hf_to_gguf.py's
 # get_vocab_base_pre); the families we export.
@@ -81,8 +80,12 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
                         f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     arch_name, permute_qk = ARCHITECTURES[arch_key]
     arch = getattr(gguf.MODEL_ARCH, arch_name)
-    if arch_key in GEMMA_27B_LAYERS:
+    if arch_key in ("gemma2", "gemma3_text"):
         _check_llama_cpp_runs_gemma(config, source)
+    window = getattr(config, "sliding_window", None)
+    if arch_key == "phi3" and window and window < config.max_position_embeddings:
+        log.warning("%s: llama.cpp runs Phi-3 without its sliding window of %d tokens; answers equal the trained "
+                    "model's up to that context length", source, window)
 
     handle, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", dir=out_file.parent)
     os.close(handle)
@@ -137,9 +140,9 @@ def _file_type(gguf, quant: str) -> int:
 
 def _check_llama_cpp_runs_gemma(config, source: str) -> None:
     """Refuse (one line, before any work) a Gemma config that llama.cpp would run with other hyperparameters."""
-    family, head_dim = config.model_type, config.head_dim
-    scalar = (config.hidden_size // config.num_attention_heads
-              if config.num_hidden_layers == GEMMA_27B_LAYERS[family] else head_dim)
+    from tuneforge.model.load import llama_cpp_query_scalar
+
+    family, scalar = config.model_type, llama_cpp_query_scalar(config)
     problems = []
     if config.query_pre_attn_scalar != scalar:
         problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} (llama.cpp uses {scalar})")
@@ -169,7 +172,7 @@ def _add_hyperparameters(writer, config, source: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type in GEMMA_27B_LAYERS:
+    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type.startswith("gemma"):
         writer.add_key_length(head_dim)  # (llama.cpp's Gemmas read their head size only from here)
         writer.add_value_length(head_dim)
     if config.model_type == "gemma2":  # softcaps as metadata: llama.cpp applies them in its graph

@@ -75,10 +75,10 @@ def _cached_gguf(gguf_path: Path, cache_name: str) -> Path:
 
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = _with_what_transformers_skips(AutoConfig.from_pretrained(folder, gguf_file=filename), gguf_path)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, config=config, dtype=torch.float32)
     # A model loaded with gguf_file= refuses save_pretrained; rebuild it from its config without the GGUF
     # quantization_config and move the dequantized weights over.
-    config = AutoConfig.from_pretrained(folder, gguf_file=filename)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -100,6 +100,43 @@ def _cached_gguf(gguf_path: Path, cache_name: str) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# llama.cpp's own rule for the Gemma query scale (llama-model.cpp): 1/sqrt(head size), except the 27B models
+# (identified by layer count), which scale by 1/sqrt(hidden / heads).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
+def llama_cpp_query_scalar(config) -> int:
+    if config.num_hidden_layers == GEMMA_27B_LAYERS[config.model_type]:
+        return config.hidden_size // config.num_attention_heads
+    return config.head_dim
+
+
+def _with_what_transformers_skips(config, gguf_path: Path):
+    """The config as llama.cpp reads the file. transformers' GGUF reader skips some hyperparameters and keeps its
+    defaults instead: Qwen3's and Phi-3's head size (key_length), Phi-3's sliding window, Gemma 2's softcaps and the
+    Gemmas' query scale. A file with other values would load as another model, silently."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    arch = fields["general.architecture"].contents()
+
+    def value(key):
+        field = fields.get(f"{arch}.{key}")
+        return None if field is None else field.contents()
+
+    family = config.model_type
+    if value("attention.key_length") is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(value("attention.key_length"))
+    if family == "phi3" and value("attention.sliding_window"):
+        config.sliding_window = int(value("attention.sliding_window"))
+    if family == "gemma2":
+        config.attn_logit_softcapping = float(value("attn_logit_softcapping") or 0) or None
+        config.final_logit_softcapping = float(value("final_logit_softcapping") or 0) or None
+    if family in GEMMA_27B_LAYERS:
+        config.query_pre_attn_scalar = llama_cpp_query_scalar(config)
+    return config
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
