@@ -133,6 +133,34 @@ def test_bundled_configs_give_the_published_parameter_count(name):
     assert count_parameters(model).total == BUNDLED[name].published_params
 
 
+@pytest.mark.parametrize("name, fused", [("gemma-3-4b", ()), ("phi-3-mini-4k", ("qkv_proj", "gate_up_proj"))])
+def test_lora_trains_every_linear_layer_of_the_language_model_only(name, fused):
+    """r * (in + out) for every nn.Linear of the language model, counted here on a meta model of our own: Phi-3's
+    fused projections are adapted, and Gemma 3's SigLIP vision tower (which a text run never calls) gets no adapters
+    and, under full fine-tuning, no gradients -- its weights still count, once, in the total, as does Gemma's head
+    (tied to the input embedding)."""
+    import torch
+
+    r = 8
+    model = meta_model(load_architecture(name))
+    body = model.get_decoder()
+    linears = {n.rsplit(".", 1)[-1]: m for n, m in body.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(fused) <= set(linears)
+    expected = sum(r * (m.in_features + m.out_features) for m in body.modules() if isinstance(m, torch.nn.Linear))
+    lora = estimate_memory(MemorySpec(model=name, method="lora", lora_r=r, example_lengths=(16,)))
+    assert lora.trainable_params == expected
+    assert lora.params.total == BUNDLED[name].published_params
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    language_model = {id(p): p.numel() for p in [*body.parameters(), head.weight]}  # a tied head's weight once
+    full = estimate_memory(MemorySpec(model=name, method="full", example_lengths=(16,)))
+    assert full.trainable_params == sum(language_model.values())
+    if name.startswith("gemma"):
+        assert head.weight is embed.weight and lora.params.lm_head == 0
+        assert lora.params.total - full.trainable_params == 416_866_032 + 2_950_272  # SigLIP so400m + projector
+    else:
+        assert lora.params.lm_head == embed.weight.numel() == 32064 * 3072  # untied: a head of its own
+
+
 @pytest.mark.parametrize("name", ["smollm2-135m", "llama-2-7b"])
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_shallow_probe_is_exact(name, method, monkeypatch):

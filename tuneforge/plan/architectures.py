@@ -103,9 +103,12 @@ def load_architecture(name: str, trust_remote_code: bool = False):
         ) from None
 
 
-def meta_model(config, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+def meta_model(config, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager",
                trust_remote_code: bool = False) -> torch.nn.Module:
-    """The causal LM of `config` on the meta device: real module tree and shapes, no storage."""
+    """The causal LM of `config` on the meta device: real module tree and shapes, no storage.
+
+    The default attention is "eager" because every family supports it (Gemma 2 refuses "sdpa": SDPA cannot softcap
+    its scores) and shapes do not depend on it; tracing a forward pass passes the implementation training runs."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -209,28 +210,49 @@ def _hidden_size(config, model) -> int:
     return model.get_output_embeddings().weight.shape[1]
 
 
-def _peft_config(spec: MemorySpec):
+def _peft_config(spec: MemorySpec, exclude: str | None = None):
     from peft import LoraConfig
 
     targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
     # The same adapter `tuneforge.model.lora` builds (a unit test holds the two to the same parameter count).
     return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM", use_dora=spec.method == "dora")
+                      target_modules=targets, exclude_modules=exclude, bias="none", task_type="CAUSAL_LM",
+                      use_dora=spec.method == "dora")
+
+
+def _beside_language_model(model: torch.nn.Module) -> list[str]:
+    """Names of the modules a multimodal model has beside its language model and head (Gemma 3's SigLIP vision tower
+    and projector); none for a text-only causal LM. Training on text never runs them, so they are frozen weights:
+    no adapters (PEFT's "all-linear", and names like q_proj, would also match the vision tower's layers), no
+    gradients, no optimizer state."""
+    inside = {id(m) for m in model.get_decoder().modules()} | {id(model.get_output_embeddings())}
+    beside: list[str] = []
+    for name, module in model.named_modules():
+        if id(module) in inside or any(name.startswith(f"{b}.") for b in beside):
+            continue
+        if not any(id(m) in inside for m in module.modules()):  # a whole subtree outside the language model
+            beside.append(name)
+    return beside
 
 
 def _with_adapters(model: torch.nn.Module, spec: MemorySpec) -> torch.nn.Module:
     """The model as training sees it: itself for full fine-tuning, wrapped by PEFT adapters (on meta) otherwise."""
+    beside = _beside_language_model(model)
+    for name in beside:
+        model.get_submodule(name).requires_grad_(False)
     if not spec.peft:
         return model
     from peft import get_peft_model
 
+    outside = re.compile("|".join(rf"{re.escape(b)}(\..+)?" for b in beside)) if beside else None
     targets = spec.target_modules
     if not isinstance(targets, str):
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                   if not (outside and outside.fullmatch(name))}
         missing = [t for t in targets if t not in present]
         if missing:
             raise UserError(f"lora target_modules: {', '.join(missing)} not found in {spec.model}")
-    return get_peft_model(model, _peft_config(spec), low_cpu_mem_usage=True)
+    return get_peft_model(model, _peft_config(spec, outside.pattern if outside else None), low_cpu_mem_usage=True)
 
 
 PROBE_DEPTH = 2  # layer 0 (its input is the embedding output) and one representative of all the others
@@ -241,13 +263,15 @@ def _shallow_probe(config, model: torch.nn.Module, depth: int, dtype: torch.dtyp
     """`model` with only PROBE_DEPTH decoder layers when all its layers are alike; else `model` itself."""
     layers = decoder_layers(model)
     shapes = [tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()) for layer in layers]
-    kinds = getattr(config, "layer_types", None)  # e.g. sliding-window and full attention alternating
+    # A multimodal config (Gemma 3) keeps the decoder's fields in its text_config; a text-only one is its own.
+    kinds = getattr(config.get_text_config(), "layer_types", None)  # e.g. sliding-window and full alternating
     if depth <= PROBE_DEPTH or len(set(shapes)) > 1 or (kinds and len(set(kinds)) > 1):
         return model
     shallow = copy.deepcopy(config)
-    shallow.num_hidden_layers = PROBE_DEPTH  # attribute_map renames it for families that call it n_layer etc.
+    text = shallow.get_text_config()
+    text.num_hidden_layers = PROBE_DEPTH  # attribute_map renames it for families that call it n_layer etc.
     if kinds:
-        shallow.layer_types = list(kinds[:PROBE_DEPTH])
+        text.layer_types = list(kinds[:PROBE_DEPTH])
     probe = meta_model(shallow, dtype=dtype, attn_implementation=_packed_attention(),
                        trust_remote_code=trust_remote_code)
     return probe if len(decoder_layers(probe)) == PROBE_DEPTH else model
