@@ -38,7 +38,7 @@ EXPECTED_PROBLEMS = {
     17: ["turn 0: assistant turn before any user turn"],
     18: ["turn 1: a system turn may only come first"],
     19: ["unknown row format (keys: category, completion, prompt); expected instruction/input/output, messages, "
-         "conversations or text"],
+         "conversations or text (or, for preference data, prompt/chosen/rejected or prompt/completion/label)"],
     20: ["a row must be a JSON object, got list"],
 }
 EXPECTED_INSTRUCTION_PROBLEMS = {

@@ -166,7 +166,8 @@ TIE = 0.1
 
 
 def assert_llama_cpp_matches(answers: list[dict], expected: list[Greedy], prompts: list[tuple[str, list[int]]],
-                             min_compared: float = 0.75, tie: float = TIE, probability_rtol: float | None = 0.1) -> None:
+                             min_compared: float = 0.75, tie: float = TIE,
+                             probability_rtol: float | None = 0.1) -> None:
     """Same tokenization, same greedy tokens; where llama.cpp reports probabilities, the same ones (f32 file) up to
     llama.cpp's f16 KV cache: at most 3.5% apart, measured over 10 held-out demo prompts x 16 tokens.
 
@@ -306,12 +307,13 @@ def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, m
 
     values = tiny_llama_config(len(tokenizer)).to_dict()
     values["initializer_range"] = 0.2
-    keep = {k: values[k] for k in ("initializer_range", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                                   "tie_word_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id",
+    keep = {k: values[k] for k in ("initializer_range", "vocab_size", "hidden_size", "intermediate_size",
+                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                   "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id",
                                    "pad_token_id")}
     # Each with the hyperparameters transformers' GGUF reader skips set away from its defaults (head size, window,
-    # softcaps, query scale): `model:` must take them from the file as llama.cpp does (load._with_what_transformers_skips).
+    # softcaps, query scale): `model:` must take them from the file as llama.cpp does
+    # (load._with_what_transformers_skips).
     config = {"mistral": lambda: MistralConfig(**keep, sliding_window=None), "qwen2": lambda: Qwen2Config(**keep),
               "qwen3": lambda: Qwen3Config(**keep, head_dim=32),
               "gemma2": lambda: Gemma2Config(**keep, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,

@@ -126,7 +126,9 @@ def add_parsers(sub) -> None:
 
     p = verbs.add_parser("convert", help="convert rows: Alpaca <-> chat, ShareGPT -> chat")
     p.add_argument("file")
-    p.add_argument("--to", required=True, choices=["chat", "instruction"])
+    p.add_argument("--to", required=True, choices=["chat", "instruction", "paired", "conversation_pairs"],
+                   help="chat/instruction: supervised rows (a preference pair keeps its chosen answer); "
+                        "paired/conversation_pairs: the two forms of preference pairs")
     p.add_argument("-o", "--output", required=True, help="the converted file (.jsonl)")
     p.set_defaults(func=cmd_convert)
 

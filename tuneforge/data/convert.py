@@ -1,4 +1,5 @@
-"""`tuneforge data convert`: rows from one format to another (Alpaca <-> chat, ShareGPT -> chat).
+"""`tuneforge data convert`: rows from one format to another (Alpaca <-> chat, ShareGPT -> chat, and preference pairs
+between their paired and conversation_pairs forms, or to chat with the chosen answer for supervised training first).
 
 Rows go through the same normalisation training uses, so a converted file trains on exactly the same examples:
 an instruction row becomes the user turn `instruction` (+ blank line + `input`) and the assistant turn `output`.
@@ -17,10 +18,11 @@ from tuneforge.data.atomic_write import atomic_text_writer, same_file
 from tuneforge.data.formats import FORMAT_KEYS, Example, scan_rows
 from tuneforge.errors import DataError, UserError
 
-TARGETS = ("chat", "instruction")
+TARGETS = ("chat", "instruction", "paired", "conversation_pairs")
 # Keys each source format owns; `input` and `system` belong to instruction rows, `text` is a rendered copy.
 _OWN_KEYS = {"instruction": ("instruction", "input", "output", "system"), "chat": ("messages",),
-             "sharegpt": ("conversations",), "completion": ("text",)}
+             "sharegpt": ("conversations",), "completion": ("text",), "paired": ("prompt", "chosen", "rejected"),
+             "conversation_pairs": ("chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
 
 
 @dataclass
@@ -56,6 +58,17 @@ def convert_row(example: Example, to: str, where: str) -> dict[str, Any]:
     if example.messages is None:
         raise DataError(f"{where}: completion rows (plain text) have no turns to convert to {to}")
     messages = [dict(m) for m in example.messages]
+    if to in ("paired", "conversation_pairs"):
+        if example.rejected is None:
+            raise DataError(f"{where}: the row has no rejected answer to make a {to} preference row of")
+        rejected = [dict(m) for m in example.rejected]
+        if to == "conversation_pairs":
+            return {"chosen": messages, "rejected": rejected}
+        prompt = example.prompt_turns
+        return {"prompt": messages[:prompt], "chosen": messages[prompt:], "rejected": rejected[prompt:]}
+    if example.desirable is not None:
+        raise DataError(f"{where}: an unpaired preference row converted to {to} would train on its answer even when "
+                        "it is labelled undesirable; keep it for an unpaired objective")
     if to == "chat":
         return {"messages": messages}
     system = messages.pop(0)["content"] if messages[0]["role"] == "system" else None

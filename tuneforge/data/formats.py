@@ -4,6 +4,7 @@ Three row formats (the guide's), detected per file from the first row and requir
 - instruction: {"instruction", "input"?, "output", "system"?}  -> a user turn and an assistant turn
 - chat:        {"messages": [{"role", "content"}, ...]}      (ShareGPT {"conversations": [{"from", "value"}]} maps here)
 - completion:  {"text"}                                        -> plain text, trained on every token
+and the preference forms (paired, conversations, unpaired; see preference_rows.py).
 Files: JSONL, JSON (a list of rows), CSV, Parquet, a saved `datasets` directory, or `hf:NAME` (a hub dataset, online).
 Every problem is reported as `file:line: reason`. `scan_rows` yields every row with all of its problems (what
 `tuneforge data check` lists); `load_examples` fails on them, or skips the bad rows, per `data.on_error`.
@@ -25,12 +26,22 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 @dataclass(frozen=True)
 class Example:
-    """One training example. Exactly one of `messages` (chat-shaped) and `text` (completion) is set."""
+    """One training example. Exactly one of `messages` (chat-shaped) and `text` (completion) is set.
+
+    A preference row (preference_rows.py) is chat-shaped: `messages` is its prompt and chosen answer (or its one
+    answer, unpaired), `rejected` the prompt and rejected answer, and the first `prompt_turns` turns are the prompt."""
 
     source: str  # "file:line", for messages that point the user at the row
     messages: tuple[dict[str, str], ...] | None = None
     text: str | None = None
     origin: str = ""  # name of the data source it came from (data mixing, per-source losses)
+    rejected: tuple[dict[str, str], ...] | None = None  # paired preference rows
+    desirable: bool | None = None  # unpaired preference rows (KTO's label)
+    prompt_turns: int = 0  # preference rows: the shared prompt is messages[:prompt_turns]
+
+    @property
+    def is_preference(self) -> bool:
+        return self.rejected is not None or self.desirable is not None
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,11 @@ def _detect_format(row: Any) -> tuple[str | None, str | None]:
     """(format, None) or (None, why the row has no single format)."""
     if not isinstance(row, dict):
         return None, f"a row must be a JSON object, got {_type(row)}"
+    from tuneforge.data.preference_rows import preference_format
+
+    preference = preference_format(row)
+    if preference is not None:
+        return preference, None
     found = [fmt for fmt, keys in FORMAT_KEYS.items() if any(k in row for k in keys)]
     if len(found) > 1:
         keys = ", ".join(k for fmt in found for k in FORMAT_KEYS[fmt] if k in row)
@@ -211,7 +227,8 @@ def _detect_format(row: Any) -> tuple[str | None, str | None]:
     if "text" in row:
         return "completion", None
     keys = ", ".join(sorted(map(str, row))) or "none"
-    return None, f"unknown row format (keys: {keys}); expected instruction/input/output, messages, conversations or text"
+    return None, (f"unknown row format (keys: {keys}); expected instruction/input/output, messages, conversations or "
+                  "text (or, for preference data, prompt/chosen/rejected or prompt/completion/label)")
 
 
 def scan_rows(path: str, fmt: str = "auto", system_prompt: str | None = None) -> Iterator[ScannedRow]:
@@ -286,19 +303,23 @@ def normalise_row(row: dict[str, Any], fmt: str, where: str, system_prompt: str 
 def _example_or_problems(
     row: dict[str, Any], fmt: str, where: str, system_prompt: str | None
 ) -> tuple[Example | None, list[str]]:
+    from tuneforge.data.preference_rows import PREFERENCE_FORMATS, preference_example
+
+    if fmt in PREFERENCE_FORMATS:
+        return preference_example(row, fmt, where, system_prompt)
     problems: list[str] = []
     if fmt == "completion":
-        text = _text_field(row, "text", problems)
+        text = text_field(row, "text", problems)
         return (None, problems) if problems else (Example(source=where, text=text), [])
     if fmt == "instruction":
         messages = _instruction_messages(row, problems)
     elif fmt == "sharegpt":
-        messages = _chat_messages(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES, problems)
+        messages = chat_messages(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES, problems)
     else:
-        messages = _chat_messages(row.get("messages"), "messages", "role", "content", None, problems)
+        messages = chat_messages(row.get("messages"), "messages", "role", "content", None, problems)
     if problems:
         return None, problems
-    _check_turn_order(messages, problems)
+    check_turn_order(messages, problems)
     if problems:
         return None, problems
     if system_prompt and messages[0]["role"] != "system":
@@ -310,7 +331,7 @@ def _type(value: Any) -> str:
     return type(value).__name__
 
 
-def _text_field(row: dict[str, Any], key: str, problems: list[str], required: bool = True) -> str:
+def text_field(row: dict[str, Any], key: str, problems: list[str], required: bool = True) -> str:
     value = row.get(key)
     if value is None:
         if required:
@@ -325,16 +346,16 @@ def _text_field(row: dict[str, Any], key: str, problems: list[str], required: bo
 
 
 def _instruction_messages(row: dict[str, Any], problems: list[str]) -> list[dict[str, str]]:
-    instruction = _text_field(row, "instruction", problems)
-    extra = _text_field(row, "input", problems, required=False)
-    output = _text_field(row, "output", problems)
-    system = _text_field(row, "system", problems, required=False)
+    instruction = text_field(row, "instruction", problems)
+    extra = text_field(row, "input", problems, required=False)
+    output = text_field(row, "output", problems)
+    system = text_field(row, "system", problems, required=False)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages = [{"role": "system", "content": system}] if system.strip() else []
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _chat_messages(
+def chat_messages(
     turns: Any, field: str, role_key: str, content_key: str, role_map: dict[str, str] | None, problems: list[str]
 ) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
@@ -363,7 +384,7 @@ def _chat_messages(
     return messages
 
 
-def _check_turn_order(messages: list[dict[str, str]], problems: list[str]) -> None:
+def check_turn_order(messages: list[dict[str, str]], problems: list[str]) -> None:
     """Roles in an order a chat template can render and training can learn from; turn i is the row's i-th turn."""
     seen_user = False
     for i, message in enumerate(messages):

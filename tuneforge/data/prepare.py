@@ -59,7 +59,7 @@ def _source_rows(source: DataSource, data: DataSettings, seed: int) -> list[Exam
 def _validated_rows(path: str, data: DataSettings, fmt: str) -> list[Example]:
     """The checks of `tuneforge data check` (every row, every problem); bad rows fail the run or are skipped."""
     if data.on_error == "fail":
-        return load_examples(path, fmt, data.system_prompt, on_error="fail")
+        return _supervised(load_examples(path, fmt, data.system_prompt, on_error="fail"))
     examples, problems = load_examples_and_problems(path, fmt, data.system_prompt)
     if problems:
         lines = ", ".join(p.where.rsplit(":", 1)[-1] for p in problems)
@@ -70,6 +70,17 @@ def _validated_rows(path: str, data: DataSettings, fmt: str) -> list[Example]:
             log.warning("data: ... `tuneforge data check %s` lists the other %d", path, len(problems) - SKIPPED_SHOWN)
     if not examples:
         raise DataError(f"{path}: no usable rows ({len(problems)} bad rows skipped)")
+    return _supervised(examples)
+
+
+def _supervised(examples: list[Example]) -> list[Example]:
+    # Training on preference rows as if supervised would learn the rejected (or undesirable) answers too.
+    first = examples[0]
+    if first.is_preference:
+        kind = "paired" if first.rejected is not None else "unpaired"
+        raise DataError(f"{first.source}: this file holds {kind} preference rows, and tuneforge trains supervised only "
+                        "so far (no preference objective yet); `tuneforge data convert FILE --to chat -o OUT` "
+                        "keeps the chosen answers for supervised training")
     return examples
 
 

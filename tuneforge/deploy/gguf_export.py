@@ -2,9 +2,10 @@
 
 Written with the `gguf` package, following llama.cpp's own converter (convert_hf_to_gguf.py) for the `llama`
 architecture (Llama, Mistral, SmolLM), `qwen2`, `qwen3` (its QK-norm weights are attn_q_norm/attn_k_norm),
-`gemma2` (norm weights stored as 1 + w, softcaps and sliding window as metadata), `gemma3` (text: the same norms, QK-norm,
-global-layer RoPE) and `phi3` (fused qkv and gate_up kept fused, as llama.cpp reads them): llama.cpp tensor names, hyperparameters as metadata, the
-tokenizer (GPT-2 style byte-level BPE with its merges, or SentencePiece-style BPE with scores) and the chat template.
+`gemma2` (norm weights stored as 1 + w, softcaps and sliding window as metadata), `gemma3` (text: the same norms,
+QK-norm, global-layer RoPE) and `phi3` (fused qkv and gate_up kept fused, as llama.cpp reads them): llama.cpp tensor
+names, hyperparameters as metadata, the tokenizer (GPT-2 style byte-level BPE with its merges, or SentencePiece-style
+BPE with scores) and the chat template.
 A LoRA/DoRA/QLoRA run is merged in memory first (see merge.py).
 """
 
