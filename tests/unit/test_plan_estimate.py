@@ -280,6 +280,24 @@ def test_preflight_report_fits(monkeypatch):
     assert warning is None
 
 
+def test_preflight_report_uses_the_tokenized_lengths_of_the_run(monkeypatch):
+    import re
+
+    monkeypatch.setattr(plan_estimate, "available_memory", lambda device: (64 * GIB, "RAM available"))
+    lengths = [40, 97, 12, 64, 97, 30]
+    assert plan_estimate.micro_batch_of(_cfg(), lengths) == (97, 97)  # the batch_size longest: any shuffle's worst
+    assert plan_estimate.micro_batch_of(_cfg(tokens_per_batch=200), lengths) == (97, 97, 6)
+    assert plan_estimate.micro_batch_of(_cfg(), None) == (128, 128)  # not read: max_length rows
+    bound, _ = plan_estimate.preflight_report(_cfg())
+    real, _ = plan_estimate.preflight_report(_cfg(), lengths)
+    assert "micro-batches of 2 x 97 tokens (the largest this run's 6 tokenized examples form)" in real
+
+    def peak(text):
+        return float(re.search(r"peak ([0-9.]+) GiB", text).group(1))
+
+    assert peak(real) < peak(bound)  # fewer activation tokens than two max_length rows
+
+
 def test_preflight_report_warns_when_over(monkeypatch):
     monkeypatch.setattr(plan_estimate, "available_memory", lambda device: (GIB // 4, "RAM available"))
     text, warning = plan_estimate.preflight_report(_cfg())

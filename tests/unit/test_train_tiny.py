@@ -79,6 +79,9 @@ def test_cli_train_and_generate(tiny_model_dir, data_file, tmp_path):
     result = run_cli("train", str(run_file), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "done: 2 steps" in result.stdout
+    # The memory estimate is for the micro-batches this data forms once tokenized, printed before the model loads.
+    estimate = [line for line in result.stderr.splitlines() if line.startswith("memory estimate: peak")]
+    assert len(estimate) == 1 and "tokenized examples form" in estimate[0], result.stderr
     gen = run_cli("generate", str(out), "--prompt", "Repeat the number 3.", "--max-new-tokens", "4")
     assert gen.returncode == 0, gen.stderr
 

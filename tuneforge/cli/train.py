@@ -27,16 +27,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc:
         return _launch_torchrun(args.nproc, cfg, args.argv)
     from tuneforge.plan.estimate import preflight_report
+    from tuneforge.train.loop import train
 
-    if os.environ.get("RANK", "0") == "0":
-        # The planned peak before the model loads: a run that cannot fit says so now, not after minutes of loading.
-        text, warning = preflight_report(cfg)
+    def preflight(example_lengths: list[int]) -> None:
+        # The planned peak for this data's micro-batches, once it is tokenized and before the model loads: a run
+        # that cannot fit says so now, not after minutes of loading.
+        text, warning = preflight_report(cfg, example_lengths)
         print(text, file=sys.stderr, flush=True)
         if warning is not None:
             print(warning, file=sys.stderr, flush=True)
-    from tuneforge.train.loop import train
 
-    result = train(cfg, show_progress=not args.quiet, rows=rows)
+    result = train(cfg, show_progress=not args.quiet, rows=rows, preflight=preflight)
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary for the run, not one per process
         print(f"done: {result.steps} steps, train_loss {result.train_loss:.4f}{val} -> {result.run_dir}")

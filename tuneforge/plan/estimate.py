@@ -5,6 +5,7 @@ model + method, and the pre-flight lines `tuneforge train` prints before it load
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -194,24 +195,30 @@ def available_memory(device: str) -> tuple[int | None, str]:
         return None, "RAM available (unknown on this system)"
 
 
-def micro_batch_of(cfg: RunConfig) -> tuple[int, ...]:
-    """Token lengths of the largest micro-batch a run can form, without reading its data: `batch_size` examples of
-    `max_length` (or `tokens_per_batch` tokens when set). An upper bound: real examples are usually shorter."""
-    longest = cfg.data.max_length
+def micro_batch_of(cfg: RunConfig, lengths: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Token lengths of the largest micro-batch a run can form. Without `lengths`: `batch_size` examples of
+    `max_length` (or `tokens_per_batch` tokens when set), an upper bound, since real examples are usually shorter.
+    With `lengths` (this run's tokenized examples): the largest micro-batch they can form, the `batch_size` longest
+    (the worst that any shuffle can draw) or the token budget filled with the longest."""
+    longest = max(lengths) if lengths else cfg.data.max_length
     budget = cfg.train.tokens_per_batch
     if budget > 0:
         full, rest = divmod(budget, longest)
         return (longest,) * full + ((rest,) if rest else ()) if full else (budget,)
+    if lengths:
+        return tuple(sorted(lengths, reverse=True)[:cfg.train.batch_size])
     return (longest,) * cfg.train.batch_size
 
 
-def preflight_report(cfg: RunConfig) -> tuple[str, str | None]:
+def preflight_report(cfg: RunConfig, example_lengths: Sequence[int] | None = None) -> tuple[str, str | None]:
     """What `tuneforge train` prints before it loads the model: one paragraph with the estimated peak by component,
     and a warning line when that peak exceeds the memory available (free GPU memory, or RAM on CPU), else None.
-    Never raises for a model it cannot estimate: training must not fail because planning could not."""
+    `example_lengths`: the run's tokenized training examples, so the estimate is for the micro-batches this data
+    forms, not for rows of max_length. Never raises for a model it cannot estimate: training must not fail because
+    planning could not."""
     if cfg.method not in METHODS:
         return f"memory estimate: not modelled for method {cfg.method!r} (modelled: {', '.join(METHODS)})", None
-    lengths = micro_batch_of(cfg)
+    lengths = micro_batch_of(cfg, example_lengths)
     try:
         est = estimate_memory(dataclasses.replace(spec_from_config(cfg), example_lengths=lengths, target_tokens=None))
     except UserError as exc:
@@ -225,10 +232,12 @@ def preflight_report(cfg: RunConfig) -> tuple[str, str | None]:
     detail = ", ".join(f"{name} {nbytes / GIB:.2f}" for name, nbytes in parts)
     available, what = available_memory(est.spec.device)
     avail_text = f"; {available / GIB:.1f} GiB {what}" if available is not None else ""
-    layout = f"{len(lengths)} x {lengths[0]}" if len(set(lengths)) == 1 else f"{sum(lengths)}"
+    layout = f"{len(lengths)} x {lengths[0]}" if len(set(lengths)) == 1 else f"{len(lengths)} examples, {sum(lengths)}"
+    basis = (f"the largest this run's {len(example_lengths):,} tokenized examples form" if example_lengths else
+             "an upper bound: real examples are usually shorter")
     text = (f"memory estimate: peak {est.peak / GIB:.2f} GiB at the {est.peak_phase} ({detail} GiB) for "
-            f"{cfg.method} on {est.spec.device}, micro-batches of {layout} tokens (an upper bound: real examples are "
-            f"usually shorter){avail_text}; `tuneforge estimate` gives the full breakdown")
+            f"{cfg.method} on {est.spec.device}, micro-batches of {layout} tokens ({basis}){avail_text}; "
+            f"`tuneforge estimate` gives the full breakdown")
     warning = None
     if available is not None and est.peak > available:
         warning = (f"warning: the estimated peak ({est.peak / GIB:.1f} GiB) exceeds the {available / GIB:.1f} GiB "

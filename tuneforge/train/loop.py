@@ -136,9 +136,11 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, show_progress: bool = True,
-          rows: tuple[list[Example], list[Example]] | None = None) -> TrainResult:
+          rows: tuple[list[Example], list[Example]] | None = None,
+          preflight: Callable[[list[int]], None] | None = None) -> TrainResult:
     """`rows`: train and validation rows the caller already read with `read_raw` (the CLI does, before torch is
-    imported); read here otherwise."""
+    imported); read here otherwise. `preflight`: called on the main process with the tokenized training examples'
+    lengths, before the model loads (the CLI prints its memory estimate for them)."""
     validate_for_training(cfg)
     check_available(cfg.train.report_to)
     # Data first: a broken row fails in seconds, before the model is loaded.
@@ -146,7 +148,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     device = pick_device(cfg.train.device)
     world = distributed.start(cfg.train.distributed, cfg.train.distributed_timeout_s, device)
     try:
-        run = set_up(cfg, show_progress and world.is_main, train_rows, val_rows, device, world)
+        run = set_up(cfg, show_progress and world.is_main, train_rows, val_rows, device, world, preflight)
         with StopRequests() as stop, run.log:  # the log closes (W&B and MLflow runs end) however the loop ends
             take_guard_baseline(run)
             while run.state.step < run.total_steps and not run.stopped_early:
@@ -165,7 +167,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
 
 
 def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_rows: list[Example], device: str,
-           world: distributed.World) -> Run:
+           world: distributed.World, preflight: Callable[[list[int]], None] | None = None) -> Run:
     run_dir = Path(cfg.output_dir)
     data_files = data_file_hashes(cfg.data)
     resume_from = find_resume_point(cfg, run_dir, data_files)
@@ -182,6 +184,8 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     guard = cfg.train.guard.source
     if guard and not any(ex.origin == guard for ex in data.val):
         raise DataError(f"train.guard.source: no validation examples of {guard!r} are left after tokenization")
+    if preflight is not None and world.is_main:
+        preflight([len(ex.input_ids) for ex in data.train])
 
     model = _prepare_model(cfg, device, world)
     loaded = None
