@@ -126,3 +126,35 @@ def test_serve_answers_with_the_adapter_as_load_for_inference_greedy_does(family
     text, count = Reference().chat(str(result.run_dir), "Count to three.", 6)
     body = reply.json()
     assert body["choices"][0]["message"]["content"] == text and body["usage"]["completion_tokens"] == count
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_multimodal_gemma3_checkpoint_trains_its_language_model_only(method, tokenizer, data_file, tmp_path):
+    """Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration, with a SigLIP vision tower that text rows never run.
+    `all-linear` LoRA must not put adapters on it (they would be saved and never learn), full fine-tuning must not
+    count it as trained, and the planner's trainable count is the run's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from tuneforge.model.methods import count_parameters
+    from tuneforge.plan.memory import MemorySpec, estimate_memory
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=tiny_model("gemma3", len(tokenizer)).config.to_dict(),
+                          vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    Gemma3ForConditionalGeneration(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    result = train(load_config(None, [f"model={base}", f"data.train={data_file}", f"output_dir={tmp_path / 'run'}",
+                                      f"method={method}", "lora.r=4", "train.batch_size=4", "train.max_steps=2",
+                                      "train.save_every=0", "data.val_split=0"]), show_progress=False)
+    trained = {name for name, p in result.model.named_parameters() if p.requires_grad}
+    assert trained and not [name for name in trained if "vision_tower" in name or "multi_modal_projector" in name]
+    if method == "lora":
+        assert all("lora_" in name for name in trained)
+        assert {name.split(".")[-4] for name in trained} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"}
+    planned = estimate_memory(MemorySpec(model=str(base), method=method, lora_r=4, lora_alpha=16.0,
+                                         example_lengths=(32,)))
+    assert planned.trainable_params == count_parameters(result.model)[0]

@@ -7,6 +7,8 @@ outside the list is tried, not refused: transformers runs its layers, and the ru
 
 from __future__ import annotations
 
+import re
+
 TESTED = {
     "llama": "Llama",
     "mistral": "Mistral",
@@ -26,3 +28,24 @@ def family_line(config) -> str:
         return f"model family: {TESTED[model_type]} ({model_type})"
     return (f"model family {model_type!r} is untested with tuneforge (tested: {', '.join(TESTED)}): training goes "
             "ahead with transformers' layers; compare a first loss with transformers' own before relying on it")
+
+
+def freeze_beside_language_model(model) -> str | None:
+    """Freeze what a multimodal checkpoint has beside its language model and head (Gemma 3 4B-27B's SigLIP vision
+    tower and projector; nothing for a text-only causal LM), and return a PEFT `exclude_modules` pattern for them.
+
+    Training on text never runs those modules: PEFT's "all-linear" (and names like q_proj) would otherwise put
+    adapters on the vision tower that are saved but never learn, and full fine-tuning would count them as trained.
+    The planner (plan/memory.py) uses the same split, so its counts are the run's."""
+    if not hasattr(model, "get_decoder"):  # not a transformers model (nothing to tell apart)
+        return None
+    inside = {id(m) for m in model.get_decoder().modules()} | {id(model.get_output_embeddings())}
+    beside: list[str] = []
+    for name, module in model.named_modules():
+        if id(module) in inside or any(name.startswith(f"{b}.") for b in beside):
+            continue
+        if not any(id(m) in inside for m in module.modules()):  # a whole subtree outside the language model
+            beside.append(name)
+    for name in beside:
+        model.get_submodule(name).requires_grad_(False)
+    return "|".join(rf"{re.escape(b)}(\..+)?" for b in beside) or None

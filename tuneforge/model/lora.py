@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from tuneforge.config import RunConfig
@@ -23,10 +25,15 @@ def apply_dora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
 def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False):
     from peft import LoraConfig
 
+    from tuneforge.model.families import freeze_beside_language_model
+
     lora = cfg.lora
     targets = lora.target_modules
+    exclude = freeze_beside_language_model(model)  # a multimodal checkpoint's vision tower gets no adapters
+    outside = re.compile(exclude) if exclude else None
     if isinstance(targets, list):
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                   if not (outside and outside.fullmatch(name))}
         missing = [t for t in targets if t not in present]
         if missing:
             raise ConfigError(
@@ -40,6 +47,7 @@ def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
+        exclude_modules=exclude,
         bias="none",
         use_dora=use_dora,
         task_type="CAUSAL_LM",

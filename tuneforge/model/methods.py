@@ -22,8 +22,11 @@ from tuneforge.run_dir import read_meta
 
 
 def train_every_weight(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    from tuneforge.model.families import freeze_beside_language_model
+
     for param in model.parameters():
         param.requires_grad_(True)
+    freeze_beside_language_model(model)  # every weight that text training runs; not a vision tower
     return model
 
 

@@ -220,31 +220,16 @@ def _peft_config(spec: MemorySpec, exclude: str | None = None):
                       use_dora=spec.method == "dora")
 
 
-def _beside_language_model(model: torch.nn.Module) -> list[str]:
-    """Names of the modules a multimodal model has beside its language model and head (Gemma 3's SigLIP vision tower
-    and projector); none for a text-only causal LM. Training on text never runs them, so they are frozen weights:
-    no adapters (PEFT's "all-linear", and names like q_proj, would also match the vision tower's layers), no
-    gradients, no optimizer state."""
-    inside = {id(m) for m in model.get_decoder().modules()} | {id(model.get_output_embeddings())}
-    beside: list[str] = []
-    for name, module in model.named_modules():
-        if id(module) in inside or any(name.startswith(f"{b}.") for b in beside):
-            continue
-        if not any(id(m) in inside for m in module.modules()):  # a whole subtree outside the language model
-            beside.append(name)
-    return beside
-
-
 def _with_adapters(model: torch.nn.Module, spec: MemorySpec) -> torch.nn.Module:
     """The model as training sees it: itself for full fine-tuning, wrapped by PEFT adapters (on meta) otherwise."""
-    beside = _beside_language_model(model)
-    for name in beside:
-        model.get_submodule(name).requires_grad_(False)
+    from tuneforge.model.families import freeze_beside_language_model
+
+    exclude = freeze_beside_language_model(model)  # a multimodal checkpoint's vision tower: frozen, no adapters
     if not spec.peft:
         return model
     from peft import get_peft_model
 
-    outside = re.compile("|".join(rf"{re.escape(b)}(\..+)?" for b in beside)) if beside else None
+    outside = re.compile(exclude) if exclude else None
     targets = spec.target_modules
     if not isinstance(targets, str):
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
@@ -252,7 +237,7 @@ def _with_adapters(model: torch.nn.Module, spec: MemorySpec) -> torch.nn.Module:
         missing = [t for t in targets if t not in present]
         if missing:
             raise UserError(f"lora target_modules: {', '.join(missing)} not found in {spec.model}")
-    return get_peft_model(model, _peft_config(spec, outside.pattern if outside else None), low_cpu_mem_usage=True)
+    return get_peft_model(model, _peft_config(spec, exclude), low_cpu_mem_usage=True)
 
 
 PROBE_DEPTH = 2  # layer 0 (its input is the embedding output) and one representative of all the others
