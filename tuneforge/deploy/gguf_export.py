@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tuneforge.deploy import kquants
 from tuneforge.errors import UserError
 from tuneforge.method_registry import saves_whole_model
 from tuneforge.model.load import load_tokenizer
@@ -30,7 +31,7 @@ from tuneforge.run_dir import read_meta
 
 log = logging.getLogger("tuneforge")
 
-QUANTS = ("f32", "f16", "q8_0")
+QUANTS = ("f32", "f16", "q8_0", "q6_k")
 
 # HF model_type -> llama.cpp architecture, and whether llama.cpp wants q/k rows in its own rotary order.
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
@@ -95,7 +96,7 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
         writer.add_file_type(_file_type(gguf, quant))
-        if quant == "q8_0":
+        if quant in ("q8_0", "q6_k"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hyperparameters(writer, config, source)
         with tempfile.TemporaryDirectory() as tokenizer_dir:
@@ -136,7 +137,7 @@ def _load_source(source: str):
 
 def _file_type(gguf, quant: str) -> int:
     return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}[quant]
 
 
 def _check_llama_cpp_runs_gemma(config, source: str) -> None:
@@ -263,16 +264,18 @@ def _rotary_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _add_tensor(writer, gguf, name: str, data: np.ndarray, quant: str) -> None:
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
+    types = gguf.GGMLQuantizationType
+    qtype = {"f32": types.F32, "f16": types.F16, "q8_0": types.Q8_0, "q6_k": types.Q6_K}[quant]
     # As llama.cpp does: vectors (norms, biases, rope factors) stay fp32; only 2-D weights are stored smaller.
     if data.ndim <= 1 or name.endswith("_norm.weight"):
-        qtype = gguf.GGMLQuantizationType.F32
-    try:
-        packed = gguf.quants.quantize(data, qtype)
-    except gguf.QuantError:  # rows not a multiple of the 32-value Q8_0 block
-        qtype = gguf.GGMLQuantizationType.F16
-        packed = gguf.quants.quantize(data, qtype)
+        qtype = types.F32
+    # Rows that do not fill whole blocks take llama.cpp's fallback type (llama-quant.cpp): Q8_0 for Q6_K's 256-value
+    # super-blocks (SmolLM2's 576-wide rows among them), F16 for Q8_0's 32-value blocks.
+    if qtype == types.Q6_K and data.shape[-1] % kquants.QK_K:
+        qtype = types.Q8_0
+    if qtype == types.Q8_0 and data.shape[-1] % 32:
+        qtype = types.F16
+    packed = kquants.quantize_q6_k(data) if qtype == types.Q6_K else gguf.quants.quantize(data, qtype)
     # Quantized blocks arrive as uint8 rows; the writer derives the element shape from their byte shape itself.
     writer.add_tensor(name, packed, raw_dtype=qtype)
 
