@@ -1,6 +1,7 @@
 """K-quant blocks written by tuneforge (deploy/kquants.py) against llama.cpp's own quantizer, called in its prebuilt
-library from node-llama-cpp (which `make test` installs): the same bytes, block for block and file for file, and
-gguf-py's independent dequantizer reads them back within Q6_K's error."""
+library from node-llama-cpp (which `make test` installs): the same bytes, block for block and file for file (the
+_M mixes' per-tensor types and the fallbacks for rows that are no multiple of 256 included), and gguf-py's
+independent dequantizer reads them back, Q4_K with more error than Q6_K."""
 
 from __future__ import annotations
 
@@ -13,19 +14,21 @@ import torch
 from tests.conftest import tiny_llama_config
 from tests.unit.test_export_gguf import LLAMA_CPP_TEXTS, NODE_LLAMA_CPP, llama_cpp_greedy, llama_cpp_quantize, \
     needs_llama_cpp
-from tuneforge.deploy.kquants import Q6_K_BLOCK_BYTES, quantize_q6_k
+from tuneforge.deploy.kquants import BLOCK_BYTES, quantize, quantize_q6_k
+
+KINDS = ("q4_k", "q5_k", "q6_k")
 
 
-def llama_cpp_q6_k(values: np.ndarray) -> np.ndarray:
-    """llama.cpp's quantize_row_q6_K_ref (what llama-quantize runs without an importance matrix) on `values`."""
+def llama_cpp_blocks(values: np.ndarray, kind: str) -> np.ndarray:
+    """llama.cpp's quantize_row_<kind>_ref (what llama-quantize runs without an importance matrix) on `values`."""
     libraries = sorted(NODE_LLAMA_CPP.glob("node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-base*.so"))
     if not libraries:
         pytest.fail(f"no llama.cpp library under {NODE_LLAMA_CPP}: run `make test-tools`")
-    quantize = ctypes.CDLL(str(libraries[0])).quantize_row_q6_K_ref
-    quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    reference = getattr(ctypes.CDLL(str(libraries[0])), f"quantize_row_{kind[:2]}_K_ref")
+    reference.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     values = np.ascontiguousarray(values, dtype=np.float32)
-    out = np.zeros((values.shape[0], values.shape[1] // 256 * Q6_K_BLOCK_BYTES), dtype=np.uint8)
-    quantize(values.ctypes.data, out.ctypes.data, values.size)
+    out = np.zeros((values.shape[0], values.shape[1] // 256 * BLOCK_BYTES[kind]), dtype=np.uint8)
+    reference(values.ctypes.data, out.ctypes.data, values.size)
     return out
 
 
@@ -46,21 +49,26 @@ def weights(kind: str) -> np.ndarray:
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("kind", ["gaussian", "heavy-tailed", "sparse", "outliers"])
-def test_q6_k_blocks_are_llama_cpps_bytes_and_read_back(kind):
+@pytest.mark.parametrize("distribution", ["gaussian", "heavy-tailed", "sparse", "outliers"])
+def test_k_quant_blocks_are_llama_cpps_bytes_and_read_back(distribution):
     import gguf
 
-    values = weights(kind)
-    ours = quantize_q6_k(values)
-    assert ours.shape == (48, 2 * Q6_K_BLOCK_BYTES)
-    assert np.array_equal(ours, llama_cpp_q6_k(values))
-    back = gguf.quants.dequantize(ours, gguf.GGMLQuantizationType.Q6_K).reshape(values.shape)
-    if kind == "gaussian":  # 6.6 bits per weight: RMS error 1.8% of the weights' RMS (measured)
-        assert np.sqrt(np.mean((back - values) ** 2)) < 0.025 * np.sqrt(np.mean(values ** 2))
-        q8 = gguf.quants.dequantize(gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
-                                    gguf.GGMLQuantizationType.Q8_0).reshape(values.shape)
-        assert np.abs(back - values).mean() > np.abs(q8 - values).mean()  # fewer bits than Q8_0, more error
-    assert np.abs(back - values).max() <= np.abs(values).max() / 31  # each value within half a quant step
+    values = weights(distribution)
+    rms = {}
+    for kind in KINDS:
+        ours = quantize(values, kind)
+        assert ours.shape == (48, 2 * BLOCK_BYTES[kind])
+        assert np.array_equal(ours, llama_cpp_blocks(values, kind)), kind
+        back = gguf.quants.dequantize(ours, getattr(gguf.GGMLQuantizationType, kind.upper())).reshape(values.shape)
+        rms[kind] = float(np.sqrt(np.mean((back - values) ** 2) / np.mean(values ** 2)))
+    assert np.array_equal(quantize_q6_k(values), quantize(values, "q6_k"))
+    if distribution == "gaussian":  # RMS error relative to the weights' RMS, measured: 7.1%, 3.6%, 1.8%
+        assert rms["q4_k"] < 0.09 and rms["q5_k"] < 0.045 and rms["q6_k"] < 0.025
+        q4_0 = gguf.quants.dequantize(gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_0),
+                                      gguf.GGMLQuantizationType.Q4_0).reshape(values.shape)
+        assert rms["q4_k"] < np.sqrt(np.mean((q4_0 - values) ** 2) / np.mean(values ** 2))  # K beats legacy 4-bit
+    if distribution in ("gaussian", "heavy-tailed"):  # (one outlier per block sets every scale alike)
+        assert rms["q6_k"] < rms["q5_k"] < rms["q4_k"]
 
 
 def test_rows_that_are_no_multiple_of_256_are_refused():
@@ -69,31 +77,39 @@ def test_rows_that_are_no_multiple_of_256_are_refused():
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("hidden", [256, 96])
-def test_a_q6_k_export_is_the_file_llama_cpp_would_write(hidden, tokenizer, tmp_path):
-    """`export --quant q6_k` equals, tensor by tensor (type and bytes), llama.cpp's own Q6_K quantization of the f32
-    export; 96-wide rows take llama.cpp's Q8_0 fallback as SmolLM2's 576-wide ones do. llama.cpp then runs it."""
+@pytest.mark.parametrize("hidden, quants", [(256, ["q4_k_m", "q5_k_m"]), (96, ["q4_k_m", "q5_k_m"])])
+def test_k_quant_exports_are_the_files_llama_cpp_would_write(hidden, quants, tokenizer, tmp_path):
+    """`export --quant q4_k_m|q5_k_m` equals, tensor by tensor (type and bytes), llama.cpp's own quantization of
+    the f32 export: 8 layers, so the _M mixes give attn_v and ffn_down of layers 0, 3, 6 and 7 Q6_K; 96-wide rows
+    take llama.cpp's fallbacks (Q5_0, Q5_1, Q8_0) as SmolLM2's 576-wide ones do. llama.cpp then runs the file."""
     import gguf
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tuneforge.deploy.gguf_export import export_gguf
 
     values = tiny_llama_config(len(tokenizer)).to_dict()
-    values.update(hidden_size=hidden, intermediate_size=2 * hidden, head_dim=hidden // 4, initializer_range=0.2)
+    values.update(hidden_size=hidden, intermediate_size=2 * hidden, head_dim=hidden // 4, num_hidden_layers=8,
+                  initializer_range=0.2)
     torch.manual_seed(3)
     source = tmp_path / "tiny"
     AutoModelForCausalLM.from_config(LlamaConfig(**values)).save_pretrained(source)
     tokenizer.save_pretrained(source)
-    ours = export_gguf(str(source), tmp_path / "ours-q6_k.gguf", "q6_k")
-    theirs = llama_cpp_quantize(export_gguf(str(source), tmp_path / "f32.gguf", "f32"), tmp_path / "llama-q6_k.gguf",
-                                "q6_k")
-    ours_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    theirs_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-    assert ours_tensors.keys() == theirs_tensors.keys()
-    for name, tensor in theirs_tensors.items():
-        assert ours_tensors[name].tensor_type == tensor.tensor_type, name
-        assert np.array_equal(np.asarray(ours_tensors[name].data), np.asarray(tensor.data)), name
-    kinds = {t.tensor_type.name for t in ours_tensors.values()}
-    assert kinds == ({"Q6_K", "F32"} if hidden == 256 else {"Q8_0", "F32"})
+    f32 = export_gguf(str(source), tmp_path / "f32.gguf", "f32")
     prompts = [(text, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in LLAMA_CPP_TEXTS[:2]]
-    assert all(len(answer["tokens"]) == 4 for answer in llama_cpp_greedy(ours, prompts, 4))
+    for quant in quants:
+        ours = export_gguf(str(source), tmp_path / f"ours-{quant}.gguf", quant)
+        theirs = llama_cpp_quantize(f32, tmp_path / f"llama-{quant}.gguf", quant)
+        ours_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+        theirs_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+        assert ours_tensors.keys() == theirs_tensors.keys()
+        for name, tensor in theirs_tensors.items():
+            assert ours_tensors[name].tensor_type == tensor.tensor_type, (quant, name)
+            assert np.array_equal(np.asarray(ours_tensors[name].data), np.asarray(tensor.data)), (quant, name)
+        kinds = {t.tensor_type.name for t in ours_tensors.values()}
+        if hidden == 256:
+            assert ours_tensors["blk.3.attn_v.weight"].tensor_type.name == "Q6_K"
+            assert ours_tensors["blk.4.attn_v.weight"].tensor_type.name == quant[:4].upper()
+        if hidden == 96:
+            assert not kinds & {"Q4_K", "Q5_K", "Q6_K"}  # every row falls back
+        if quant == "q4_k_m":  # (the others are llama.cpp's own bytes too)
+            assert all(len(answer["tokens"]) == 4 for answer in llama_cpp_greedy(ours, prompts, 4))

@@ -31,7 +31,7 @@ from tuneforge.run_dir import read_meta
 
 log = logging.getLogger("tuneforge")
 
-QUANTS = ("f32", "f16", "q8_0", "q6_k")
+QUANTS = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 
 # HF model_type -> llama.cpp architecture, and whether llama.cpp wants q/k rows in its own rotary order.
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
@@ -96,14 +96,14 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
         writer.add_file_type(_file_type(gguf, quant))
-        if quant in ("q8_0", "q6_k"):
+        if quant not in ("f32", "f16"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hyperparameters(writer, config, source)
         with tempfile.TemporaryDirectory() as tokenizer_dir:
             tokenizer.save_pretrained(tokenizer_dir)
             _add_tokenizer(writer, gguf, tokenizer, Path(tokenizer_dir), config.vocab_size, source)
         for gguf_name, data in _tensors(model, gguf, arch, permute_qk, source):
-            _add_tensor(writer, gguf, gguf_name, data, quant)
+            _add_tensor(writer, gguf, gguf_name, data, _tensor_type(gguf, gguf_name, data, quant, config))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -137,7 +137,8 @@ def _load_source(source: str):
 
 def _file_type(gguf, quant: str) -> int:
     return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}[quant]
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+            "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[quant]
 
 
 def _check_llama_cpp_runs_gemma(config, source: str) -> None:
@@ -263,19 +264,44 @@ def _rotary_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
         weight.shape)
 
 
-def _add_tensor(writer, gguf, name: str, data: np.ndarray, quant: str) -> None:
+def _tensor_type(gguf, name: str, data: np.ndarray, quant: str, config):
+    """The type llama.cpp's quantizer (llama-quant.cpp, llama_tensor_get_type) gives this tensor for `quant`, so a
+    file written here is the one `llama-quantize` would write from the f32 export."""
     types = gguf.GGMLQuantizationType
-    qtype = {"f32": types.F32, "f16": types.F16, "q8_0": types.Q8_0, "q6_k": types.Q6_K}[quant]
-    # As llama.cpp does: vectors (norms, biases, rope factors) stay fp32; only 2-D weights are stored smaller.
-    if data.ndim <= 1 or name.endswith("_norm.weight"):
-        qtype = types.F32
-    # Rows that do not fill whole blocks take llama.cpp's fallback type (llama-quant.cpp): Q8_0 for Q6_K's 256-value
-    # super-blocks (SmolLM2's 576-wide rows among them), F16 for Q8_0's 32-value blocks.
-    if qtype == types.Q6_K and data.shape[-1] % kquants.QK_K:
-        qtype = types.Q8_0
-    if qtype == types.Q8_0 and data.shape[-1] % 32:
+    base = {"f32": types.F32, "f16": types.F16, "q8_0": types.Q8_0, "q6_k": types.Q6_K, "q5_k_m": types.Q5_K,
+            "q4_k_m": types.Q4_K}[quant]
+    # Only 2-D weights are quantized; vectors (norms, biases, rope factors) stay fp32.
+    if data.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith("weight"):
+        return types.F32
+    qtype = base
+    if quant in ("q4_k_m", "q5_k_m", "q6_k"):
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+        n_layer = config.num_hidden_layers
+        # Each _M mix gives a share of the layers more bits: the first and last eighth and every third between.
+        more_bits = layer is not None and (layer < n_layer // 8 or layer >= 7 * n_layer // 8
+                                           or (layer - n_layer // 8) % 3 == 2)
+        if name == "output.weight" or (tied and name == "token_embd.weight"):
+            qtype = types.Q8_0 if data.shape[-1] % kquants.QK_K else types.Q6_K
+        elif quant != "q6_k" and (".attn_v." in name or ".attn_qkv." in name):
+            qtype = types.Q6_K if more_bits else base
+            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            if n_layer == 80 and kv_heads != config.num_attention_heads and qtype == types.Q4_K:
+                qtype = types.Q5_K  # llama.cpp's "70B" rule: 8 heads share one attn_v, worth more bits
+        elif quant != "q6_k" and ".ffn_down." in name and more_bits:
+            qtype = types.Q6_K
+    # Rows that do not fill whole blocks take llama.cpp's fallback (SmolLM2's 576-wide rows among them).
+    if qtype in (types.Q4_K, types.Q5_K, types.Q6_K) and data.shape[-1] % kquants.QK_K:
+        qtype = {types.Q4_K: types.Q5_0, types.Q5_K: types.Q5_1, types.Q6_K: types.Q8_0}[qtype]
+    if qtype not in (types.F32, types.F16) and data.shape[-1] % 32:
         qtype = types.F16
-    packed = kquants.quantize_q6_k(data) if qtype == types.Q6_K else gguf.quants.quantize(data, qtype)
+    return qtype
+
+
+def _add_tensor(writer, gguf, name: str, data: np.ndarray, qtype) -> None:
+    types = gguf.GGMLQuantizationType
+    kquant = {types.Q4_K: "q4_k", types.Q5_K: "q5_k", types.Q6_K: "q6_k"}.get(qtype)
+    packed = kquants.quantize(data, kquant) if kquant else gguf.quants.quantize(data, qtype)
     # Quantized blocks arrive as uint8 rows; the writer derives the element shape from their byte shape itself.
     writer.add_tensor(name, packed, raw_dtype=qtype)
 
