@@ -77,8 +77,9 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("export", help="write a run or model as a GGUF file for llama.cpp, Ollama, LM Studio")
     p.add_argument("source", help="run directory, model directory or alias")
     p.add_argument("--format", default="gguf", help="output format (gguf)")
-    p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"], default="f16",
-                   help="weight type (default f16); the K-quants are llama.cpp's own, written here (nothing to compile)")
+    p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0"],
+                   default="f16", help="weight type (default f16); the K-quants and mixes are llama.cpp's own, "
+                                       "written here (nothing to compile)")
     p.add_argument("-o", "--output", required=True, help="output file, ending in .gguf")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export)

@@ -31,7 +31,7 @@ from tuneforge.run_dir import read_meta
 
 log = logging.getLogger("tuneforge")
 
-QUANTS = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+QUANTS = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0")
 
 # HF model_type -> llama.cpp architecture, and whether llama.cpp wants q/k rows in its own rotary order.
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
@@ -138,7 +138,8 @@ def _load_source(source: str):
 def _file_type(gguf, quant: str) -> int:
     return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
-            "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[quant]
+            "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+            "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
 
 
 def _check_llama_cpp_runs_gemma(config, source: str) -> None:
@@ -269,26 +270,26 @@ def _tensor_type(gguf, name: str, data: np.ndarray, quant: str, config):
     file written here is the one `llama-quantize` would write from the f32 export."""
     types = gguf.GGMLQuantizationType
     base = {"f32": types.F32, "f16": types.F16, "q8_0": types.Q8_0, "q6_k": types.Q6_K, "q5_k_m": types.Q5_K,
-            "q4_k_m": types.Q4_K}[quant]
+            "q4_k_m": types.Q4_K, "q5_0": types.Q5_0, "q4_0": types.Q4_0}[quant]
     # Only 2-D weights are quantized; vectors (norms, biases, rope factors) stay fp32.
     if data.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith("weight"):
         return types.F32
     qtype = base
-    if quant in ("q4_k_m", "q5_k_m", "q6_k"):
-        tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if quant not in ("f32", "f16", "q8_0") and (name == "output.weight" or (tied and name == "token_embd.weight")):
+        qtype = types.Q6_K  # the head (or the embedding that is also the head) keeps 6 bits in every mix
+    elif quant in ("q4_k_m", "q5_k_m"):
         layer = int(name.split(".")[1]) if name.startswith("blk.") else None
         n_layer = config.num_hidden_layers
         # Each _M mix gives a share of the layers more bits: the first and last eighth and every third between.
         more_bits = layer is not None and (layer < n_layer // 8 or layer >= 7 * n_layer // 8
                                            or (layer - n_layer // 8) % 3 == 2)
-        if name == "output.weight" or (tied and name == "token_embd.weight"):
-            qtype = types.Q8_0 if data.shape[-1] % kquants.QK_K else types.Q6_K
-        elif quant != "q6_k" and (".attn_v." in name or ".attn_qkv." in name):
+        if ".attn_v." in name or ".attn_qkv." in name:
             qtype = types.Q6_K if more_bits else base
             kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             if n_layer == 80 and kv_heads != config.num_attention_heads and qtype == types.Q4_K:
                 qtype = types.Q5_K  # llama.cpp's "70B" rule: 8 heads share one attn_v, worth more bits
-        elif quant != "q6_k" and ".ffn_down." in name and more_bits:
+        elif ".ffn_down." in name and more_bits:
             qtype = types.Q6_K
     # Rows that do not fill whole blocks take llama.cpp's fallback (SmolLM2's 576-wide rows among them).
     if qtype in (types.Q4_K, types.Q5_K, types.Q6_K) and data.shape[-1] % kquants.QK_K:
