@@ -81,8 +81,9 @@ def test_rows_that_are_no_multiple_of_256_are_refused():
                                             (96, ["q4_k_m", "q5_k_m", "q4_0"])])
 def test_k_quant_exports_are_the_files_llama_cpp_would_write(hidden, quants, tokenizer, tmp_path):
     """`export --quant q4_k_m|q5_k_m|q5_0|q4_0` equals, tensor by tensor (type and bytes), llama.cpp's own
-    quantization of the f32 export: 8 layers, so the _M mixes give attn_v and ffn_down of layers 0, 3, 6 and 7 Q6_K; 96-wide rows
-    take llama.cpp's fallbacks (Q5_0, Q5_1, Q8_0) as SmolLM2's 576-wide ones do. llama.cpp then runs the file."""
+    quantization of the f32 export: 8 layers, so the _M mixes give attn_v and ffn_down of layers 0, 3, 6 and 7
+    Q6_K; 96-wide rows take llama.cpp's fallbacks (Q5_0, Q5_1, Q8_0) as SmolLM2's 576-wide ones do. llama.cpp then
+    runs the file."""
     import gguf
     from transformers import AutoModelForCausalLM, LlamaConfig
 
