@@ -113,16 +113,23 @@ def llama_cpp_greedy(gguf_file: Path, prompts: list[tuple[str, list[int]]], max_
 LLAMA_FTYPES = {"q4_0": 2, "q5_0": 8, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama.h enum llama_ftype
 
 
+def llama_cpp_library(name: str):
+    """One of node-llama-cpp's prebuilt llama.cpp libraries ("libggml-base", "libggml", "libllama"), loaded."""
+    import ctypes
+
+    libraries = NODE_LLAMA_CPP.glob("node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/lib*.so")
+    found = [lib for lib in sorted(libraries) if lib.name.split(".")[0] == name]
+    if not found:
+        pytest.fail(f"no llama.cpp library {name} under {NODE_LLAMA_CPP}: run `make test-tools`")
+    return ctypes.CDLL(str(found[0]), mode=ctypes.RTLD_GLOBAL)
+
+
 def llama_cpp_quantize(source: Path, out: Path, ftype: str) -> Path:
     import ctypes
 
-    libraries = sorted(NODE_LLAMA_CPP.glob("node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/lib*.so"))
-    named = {lib.name.split(".")[0]: lib for lib in libraries}
-    if "libllama" not in named:
-        pytest.fail(f"no llama.cpp library under {NODE_LLAMA_CPP}: run `make test-tools`")
     for dependency in ("libggml-base", "libggml"):
-        ctypes.CDLL(str(named[dependency]), mode=ctypes.RTLD_GLOBAL)
-    llama = ctypes.CDLL(str(named["libllama"]))
+        llama_cpp_library(dependency)
+    llama = llama_cpp_library("libllama")
 
     class Params(ctypes.Structure):
         _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int32), ("rest", ctypes.c_uint8 * 1016)]
@@ -309,8 +316,8 @@ def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, m
     values["initializer_range"] = 0.2
     keep = {k: values[k] for k in ("initializer_range", "vocab_size", "hidden_size", "intermediate_size",
                                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                   "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id",
-                                   "pad_token_id")}
+                                   "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps",
+                                   "bos_token_id", "eos_token_id", "pad_token_id")}
     # Each with the hyperparameters transformers' GGUF reader skips set away from its defaults (head size, window,
     # softcaps, query scale): `model:` must take them from the file as llama.cpp does
     # (load._with_what_transformers_skips).

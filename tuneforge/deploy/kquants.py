@@ -19,15 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 QK_K = 256
-Q6_K_BLOCK_BYTES = 210
-BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": Q6_K_BLOCK_BYTES}
+BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 GROUP_MAX_EPS = np.float32(1e-15)
 CHUNK_BLOCKS = 4096  # super-blocks per vectorised pass: ~1M values, a few MB of temporaries
-
-
-def quantize_q6_k(data: np.ndarray) -> np.ndarray:
-    """Q6_K blocks of a float array whose rows are a multiple of 256 wide, as (rows, row bytes) uint8."""
-    return quantize(data, "q6_k")
 
 
 def quantize(data: np.ndarray, kind: str) -> np.ndarray:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tuneforge.model.families import text_config
+
 PACKED_ATTENTION = "tuneforge_packed"
 
 
@@ -82,18 +84,14 @@ def _example_attention(query, keys, values, prefix, window, softcap, dropout, sc
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def standard_attention(config) -> str:
     """Transformers' implementation for padded batches and generation: SDPA, or eager where SDPA cannot softcap."""
-    return "eager" if getattr(_text_config(config), "attn_logit_softcapping", None) else "sdpa"
+    return "eager" if getattr(text_config(config), "attn_logit_softcapping", None) else "sdpa"
 
 
 def attention_paths(config, packed: bool) -> str:
     """One line for the log: which attention runs, and what each family feature makes it do."""
-    text = _text_config(config)
+    text = text_config(config)
     layers = text.num_hidden_layers
     types = getattr(text, "layer_types", None)
     window = getattr(text, "sliding_window", None)

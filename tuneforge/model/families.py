@@ -20,10 +20,14 @@ TESTED = {
 }
 
 
+def text_config(config):
+    """The language model's config: a multimodal config's text_config, or a text-only config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def family_line(config) -> str:
     """One line for the run's log: the family, or that it is untested and what that means."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_type = getattr(text, "model_type", None) or config.model_type
+    model_type = getattr(text_config(config), "model_type", None) or config.model_type
     if model_type in TESTED:
         return f"model family: {TESTED[model_type]} ({model_type})"
     return (f"model family {model_type!r} is untested with tuneforge (tested: {', '.join(TESTED)}): training goes "

@@ -155,23 +155,22 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
 
     try:
         path = resolve_model(name)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code,
-            attn_implementation=standard_attention_of(path, trust_remote_code),
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **config_and_attention(path, trust_remote_code))
     except OSError as exc:
         raise UserError(f"model: cannot load {name!r}: {str(exc).splitlines()[0]}") from None
     return model.to(device)
 
 
-def standard_attention_of(path: str, trust_remote_code: bool = False) -> str:
-    """SDPA, or eager for families whose attention SDPA cannot express (Gemma 2's softcap: transformers refuses
-    to load it with SDPA). Training on packed rows switches to tuneforge's own implementation either way."""
+def config_and_attention(path: str, trust_remote_code: bool = False) -> dict:
+    """`from_pretrained` keywords: the config, read once, and its attention implementation: SDPA, or eager for
+    families whose attention SDPA cannot express (Gemma 2's softcap: transformers refuses to load it with SDPA).
+    Training on packed rows switches to tuneforge's own implementation either way."""
     from transformers import AutoConfig
 
     from tuneforge.model.attention import standard_attention
 
-    return standard_attention(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return {"config": config, "attn_implementation": standard_attention(config), "trust_remote_code": trust_remote_code}
 
 
 def pick_device(requested: str = "auto") -> str:

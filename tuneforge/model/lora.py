@@ -30,11 +30,8 @@ def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False):
     lora = cfg.lora
     targets = lora.target_modules
     exclude = freeze_beside_language_model(model)  # a multimodal checkpoint's vision tower gets no adapters
-    outside = re.compile(exclude) if exclude else None
     if isinstance(targets, list):
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
-                   if not (outside and outside.fullmatch(name))}
-        missing = [t for t in targets if t not in present]
+        missing = missing_targets(model, targets, exclude)
         if missing:
             raise ConfigError(
                 f"lora.target_modules: {', '.join(missing)} not found in {cfg.model}; "
@@ -52,6 +49,14 @@ def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False):
         use_dora=use_dora,
         task_type="CAUSAL_LM",
     )
+
+
+def missing_targets(model: torch.nn.Module, targets, exclude: str | None) -> list[str]:
+    """The named LoRA targets that no module outside `exclude` (a PEFT exclude_modules pattern) is called."""
+    outside = re.compile(exclude) if exclude else None
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+               if not (outside and outside.fullmatch(name))}
+    return [t for t in targets if t not in present]
 
 
 def linear_module_names(model: torch.nn.Module) -> set[str]:

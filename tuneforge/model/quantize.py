@@ -15,7 +15,7 @@ import torch
 
 from tuneforge.config import QloraSettings
 from tuneforge.errors import UserError
-from tuneforge.model.load import resolve_model, standard_attention_of
+from tuneforge.model.load import config_and_attention, resolve_model
 from tuneforge.run_dir import read_config
 
 log = logging.getLogger("tuneforge")
@@ -48,7 +48,7 @@ def load_quantized_model(name: str, settings: QloraSettings, device: str, trust_
         path = resolve_model(name)
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quantization, device_map={"": device}, dtype=torch.float32,
-            trust_remote_code=trust_remote_code, attn_implementation=standard_attention_of(path, trust_remote_code),
+            **config_and_attention(path, trust_remote_code),
         )
     except OSError as exc:
         raise UserError(f"model: cannot load {name!r}: {str(exc).splitlines()[0]}") from None

@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -229,12 +228,11 @@ def _with_adapters(model: torch.nn.Module, spec: MemorySpec) -> torch.nn.Module:
         return model
     from peft import get_peft_model
 
-    outside = re.compile(exclude) if exclude else None
+    from tuneforge.model.lora import missing_targets
+
     targets = spec.target_modules
     if not isinstance(targets, str):
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
-                   if not (outside and outside.fullmatch(name))}
-        missing = [t for t in targets if t not in present]
+        missing = missing_targets(model, targets, exclude)
         if missing:
             raise UserError(f"lora target_modules: {', '.join(missing)} not found in {spec.model}")
     return get_peft_model(model, _peft_config(spec, exclude), low_cpu_mem_usage=True)
