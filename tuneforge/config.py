@@ -99,6 +99,47 @@ class PromptSettings:
         resume=MUST_MATCH)
 
 
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
+PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
+REFERENCE_FREE = ("simpo", "orpo")  # objectives with no reference model at all
+
+
+@dataclass
+class DpoSettings:
+    beta: float = _f(0.1, "How far the model may move from the reference: the DPO temperature (higher = stay closer).",
+        min=0, min_exclusive=True, resume=MUST_MATCH)
+    label_smoothing: float = _f(
+        0.0, "Conservative DPO: the chance a pair's label is wrong; the loss then also rewards the reverse a little.",
+        min=0, max=0.49, resume=MUST_MATCH)
+
+
+@dataclass
+class IpoSettings:
+    beta: float = _f(0.1, "IPO's tau: the log-ratio margin it aims for is 1 / (2 beta), per completion token.", min=0,
+        min_exclusive=True, resume=MUST_MATCH)
+
+
+@dataclass
+class SimpoSettings:
+    beta: float = _f(2.0, "Scale of SimPO's reward, the mean log-probability per completion token.", min=0,
+        min_exclusive=True, resume=MUST_MATCH)
+    gamma: float = _f(1.0, "SimPO's target margin between chosen and rejected rewards.", min=0, resume=MUST_MATCH)
+
+
+@dataclass
+class OrpoSettings:
+    weight: float = _f(0.1, "ORPO's lambda: weight of the odds-ratio term beside the chosen answers' NLL.", min=0,
+        min_exclusive=True, resume=MUST_MATCH)
+
+
+@dataclass
+class PreferenceSettings:
+    reference: Literal["auto", "none"] = _f(
+        "auto", "DPO/IPO's reference: 'auto' = the model before training (its log-probabilities computed once and "
+        "stored in the run directory), 'none' = reference-free (log-ratios against 0). SimPO and ORPO use none.",
+        resume=MUST_MATCH)
+
+
 @dataclass
 class DataSource:
     """One of several training (or validation) sources: `data.train: [{path: a.jsonl, weight: 0.8}, ...]`."""
@@ -195,9 +236,9 @@ class TrainSettings:
     eval_metric_sample: int = _f(32, "Validation rows answered for eval_metric (the same rows each time); 0 = all.",
                                  min=0, resume=MAY_CHANGE)
     eval_metric_max_new_tokens: int = _f(64, "Longest generated answer for eval_metric.", min=1, resume=MAY_CHANGE)
-    early_stopping_metric: Literal["val_loss", "eval_metric"] = _f(
-        "val_loss", "What early stopping (and the best weights kept) follows: validation loss, or train.eval_metric.",
-        resume=MAY_CHANGE)
+    early_stopping_metric: Literal["val_loss", "eval_metric", "reward_accuracy"] = _f(
+        "val_loss", "What early stopping (and the best weights kept) follows: validation loss, train.eval_metric, or "
+        "(preference objectives) the validation pairs' reward accuracy.", resume=MAY_CHANGE)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).",
         resume=MAY_CHANGE)
     compile: bool = _f(False, "torch.compile the decoder (dynamic shapes); see the README for what it gives here.",
@@ -242,6 +283,10 @@ class RunConfig:
     model: str = _f(EMBEDDED_MODEL, "Base model: an alias, a hub id, a local HF model directory or a .gguf file.",
         resume=MUST_MATCH)
     method: Literal[METHOD_NAMES] = _f("lora", method_help(), resume=MUST_MATCH)  # the choices: method_registry
+    objective: Literal[OBJECTIVES] = _f(
+        "sft", "What training optimises: 'sft' = the answers' cross-entropy; 'dpo', 'ipo', 'simpo', 'orpo' = "
+        "preference tuning on pairs of a chosen and a rejected answer (settings in the section of that name).",
+        resume=MUST_MATCH)
     output_dir: str = _f("runs/run", "Run directory: metrics, resolved config and the trained weights.",
         resume=MAY_CHANGE)
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own Python code. Off for safety.",
@@ -251,6 +296,11 @@ class RunConfig:
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     prefix: PrefixSettings = field(default_factory=PrefixSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
+    dpo: DpoSettings = field(default_factory=DpoSettings)
+    ipo: IpoSettings = field(default_factory=IpoSettings)
+    simpo: SimpoSettings = field(default_factory=SimpoSettings)
+    orpo: OrpoSettings = field(default_factory=OrpoSettings)
+    preference: PreferenceSettings = field(default_factory=PreferenceSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -494,8 +544,35 @@ def check_method_settings(cfg: RunConfig) -> None:
     if cfg.train.distributed == "fsdp" and cfg.train.eval_metric is not None:
         # Generation calls the model's own forward, outside the FSDP root that gathers the sharded weights.
         raise ConfigError("train.eval_metric: not supported with train.distributed=fsdp yet; use ddp or turn it off")
+    check_objective(cfg)
     if cfg.train.distributed == "fsdp" and cfg.train.compile:
         raise ConfigError("train.compile: not supported with train.distributed=fsdp yet; turn one of them off")
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """What a preference objective can train with (one line each)."""
+    objective = cfg.objective
+    if objective == "sft":
+        if cfg.train.early_stopping_metric == "reward_accuracy":
+            raise ConfigError("train.early_stopping_metric: 'reward_accuracy' needs a preference objective "
+                              "(objective: dpo, ipo, simpo or orpo)")
+        return
+    if cfg.method in ("prefix", "prompt"):
+        # Their virtual tokens go in front of every example, and a pair's rejected answer reads the prompt as a cache.
+        raise ConfigError(f"objective: {objective!r} trains method full, lora, qlora, dora or adapter; not "
+                          f"{cfg.method!r}, whose virtual tokens do not fit one prompt shared by two answers")
+    if not cfg.data.packing:
+        raise ConfigError(f"data.packing: false is not supported with objective {objective!r}: pairs train in packed "
+                          "rows where both answers share one copy of the prompt (there is no padding to choose)")
+    if cfg.data.train_on_prompt:
+        raise ConfigError(f"data.train_on_prompt: not supported with objective {objective!r}; a preference is "
+                          "between answers, so only their tokens are scored")
+    if cfg.train.guard.source:
+        raise ConfigError(f"train.guard.source: not supported with objective {objective!r} yet; watch validation "
+                          "reward accuracy instead (train.early_stopping_metric=reward_accuracy)")
+    if cfg.train.early_stopping_metric == "reward_accuracy" and cfg.data.val is None and cfg.data.val_split == 0:
+        raise ConfigError("train.early_stopping_metric: 'reward_accuracy' needs validation pairs (set data.val or "
+                          "data.val_split)")
 
 
 # `path: builtin:general` is the general instruction set that ships with tuneforge (scripts/make_general_data.py).
@@ -586,6 +663,7 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[
     # Another method's settings section (prompt.* on a LoRA run) changes nothing this run computes.
     all_sections = {section for m in REGISTRY for section in m.sections}
     unused = all_sections - set(method_named(current["method"]).sections) if current.get("method") else set()
+    unused |= set(PREFERENCE_OBJECTIVES) - {current.get("objective", "sft")}  # the other objectives' sections
     refused, allowed = [], []
     for key, mark in resume_marks().items():
         if key.split(".", 1)[0] in unused:

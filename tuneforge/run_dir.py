@@ -7,6 +7,7 @@
   status.json            running | finished | failed | stopped, with pid and host (replaced atomically)
   loss.png               the loss curve, drawn at the end
   checkpoints/step-N/    resumable checkpoints (their inside is train/checkpoint.py's business)
+  reference_logps.json   preference runs: the reference model's log-probabilities of every pair, computed once
   tuneforge.json         base model, method, steps, losses: written with the final weights
   adapter_* | model.*    the final weights (PEFT adapter, bottleneck adapter or a full HF model) and tokenizer
   <report>/summary.json  `tuneforge eval RUN --out RUN/<report>` reports (make demo: eval/)
@@ -38,6 +39,7 @@ META_FILE = "tuneforge.json"
 CHECKPOINTS_DIR = "checkpoints"
 REVIEWS_DIR = "reviews"
 EVAL_SUMMARY_FILE = "summary.json"
+REFERENCE_FILE = "reference_logps.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -54,6 +56,10 @@ def metrics_path(run: Path) -> Path:
 
 def plot_path(run: Path) -> Path:
     return Path(run) / PLOT_FILE
+
+
+def reference_path(run: Path) -> Path:
+    return Path(run) / REFERENCE_FILE
 
 
 def checkpoints_dir(run: Path) -> Path:
@@ -107,6 +113,20 @@ def read_meta(run: Path) -> dict | None:
 
 def meta_text(meta: dict) -> str:
     return json.dumps(meta, indent=2) + "\n"
+
+
+def write_reference(run: Path, stored: dict) -> None:
+    """reference_logps.json: {"fingerprint": what they were computed for, "train"/"val": [[chosen, rejected], ...]}."""
+    path = reference_path(run)
+    try:
+        with atomic_text_writer(path) as fh:
+            fh.write(json.dumps(stored) + "\n")
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def read_reference(run: Path) -> dict | None:
+    return read_json_object(reference_path(run))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tuneforge.data.preference_tokens import TokenizedPair
 from tuneforge.data.tokenize import TokenizedExample
 
 
@@ -100,10 +101,32 @@ class Batch:
     predict_at: torch.Tensor  # [N] flat positions
     targets: torch.Tensor  # [N]
     num_tokens: int  # real (non-pad) tokens
+    # Preference pairs (collate_pairs): per pair (start, prompt end, chosen end, end) in the row, which sequence each
+    # target belongs to (2k: pair k's chosen completion, 2k + 1: its rejected one), the reference log-probabilities.
+    pairs: torch.Tensor | None = None  # [n, 4], read on the host by the attention loop
+    sequence_of: torch.Tensor | None = None  # [N]
+    reference: torch.Tensor | None = None  # [n, 2]
+    nll_scale: float = 0.0  # ORPO: step pairs / step NLL tokens, set by the loop before the forward
 
     @property
     def num_targets(self) -> int:
         return int(self.targets.numel())
+
+    @property
+    def num_pairs(self) -> int:
+        return 0 if self.sequence_of is None else len(self.reference)
+
+    @property
+    def num_nll_targets(self) -> int:
+        """Targets of the chosen sequences, prompt included (ORPO's NLL term): 0 unless prompt targets were laid out."""
+        if self.sequence_of is None or not bool((self.sequence_of < 0).any()):
+            return 0
+        return int(((self.sequence_of < 0) | (self.sequence_of % 2 == 0)).sum())
+
+    @property
+    def divisor_count(self) -> int:
+        """What the step's loss is a mean over: answer tokens, or pairs for a preference objective."""
+        return self.num_pairs if self.sequence_of is not None else self.num_targets
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
@@ -115,6 +138,10 @@ class Batch:
             move(self.predict_at),
             move(self.targets),
             self.num_tokens,
+            self.pairs,
+            move(self.sequence_of),
+            move(self.reference),
+            self.nll_scale,
         )
 
 
@@ -169,3 +196,53 @@ def collate_padded(examples: list[TokenizedExample], pad_id: int) -> Batch:
 
 def collate(examples: list[TokenizedExample], packing: bool, pad_id: int) -> Batch:
     return collate_packed(examples) if packing else collate_padded(examples, pad_id)
+
+
+def collate_pairs(pairs: list[TokenizedPair], share_prompt: bool = True, prompt_targets: bool = False) -> Batch:
+    """Preference pairs in one packed row. Shared (the default): [prompt, chosen, rejected] per pair, where the rejected
+    tokens attend to the prompt and themselves, never to the chosen ones, and take the positions they would have
+    after the prompt; so each prompt is computed once, for both completions. Unshared: [prompt, chosen] and
+    [prompt, rejected] as two packed examples (what TRL computes; the shared row's reference in the tests).
+    `prompt_targets`: the prompt's own tokens are targets too (sequence -1), for ORPO's NLL of the chosen sequence."""
+    ids, positions, predict_at, targets, sequence_of, bounds, groups = [], [], [], [], [], [0], []
+    for k, pair in enumerate(pairs):
+        start, p = len(ids), len(pair.prompt_ids)
+        if prompt_targets:
+            predict_at += range(start, start + p - 1)
+            targets += pair.prompt_ids[1:]
+            sequence_of += [-1] * (p - 1)
+        if share_prompt:
+            ids += pair.prompt_ids
+            positions += range(p)
+        sides = ((pair.chosen_ids, pair.chosen_target), (pair.rejected_ids, pair.rejected_target))
+        for side, (completion, target) in enumerate(sides):
+            if not share_prompt:
+                if side:
+                    bounds.append(len(ids))
+                ids += pair.prompt_ids
+                positions += range(p)
+            # The answer's first token is predicted from the prompt's last one (in the shared row, not the chosen's).
+            last_prompt, first = (start + p - 1 if share_prompt else len(ids) - 1), len(ids)
+            ids += completion
+            positions += range(p, p + len(completion))
+            for i, is_target in enumerate(target):
+                if is_target:
+                    predict_at.append(last_prompt if i == 0 else first + i - 1)
+                    targets.append(completion[i])
+                    sequence_of.append(2 * k + side)
+        groups.append((start, start + p, start + p + len(pair.chosen_ids), len(ids)))
+        bounds.append(len(ids))
+    reference = [pair.reference or (0.0, 0.0) for pair in pairs]
+    return Batch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        attention_mask=None,
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        predict_at=torch.tensor(predict_at, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        num_tokens=len(ids),
+        pairs=torch.tensor(groups, dtype=torch.int64) if share_prompt else None,
+        sequence_of=torch.tensor(sequence_of, dtype=torch.long),
+        reference=torch.tensor(reference, dtype=torch.float32),
+    )
+

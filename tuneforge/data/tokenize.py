@@ -36,6 +36,11 @@ class TokenizedExample:
     def num_targets(self) -> int:
         return sum(self.target)
 
+    @property
+    def packed_length(self) -> int:
+        """Tokens it takes in a packed row (what step plans and token budgets count)."""
+        return len(self.input_ids)
+
 
 @dataclass
 class TokenizeReport:
@@ -128,18 +133,28 @@ def tokenize_example(tokenizer, example: Example, train_on_prompt: bool = False)
             ids = ids + [tokenizer.eos_token_id]
         target = [True] * len(ids)
     else:
-        pieces = chat_pieces(tokenizer, example.messages)
-        eos_id = tokenizer.eos_token_id
-        for index, (text, is_answer) in enumerate(pieces):
-            piece_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ends_turn = eos_id is not None and piece_ids and piece_ids[-1] == eos_id
-            if is_answer and not ends_turn and _last_answer(pieces, index) and eos_id is not None:
-                piece_ids = piece_ids + [eos_id]  # a template without end-of-turn token: still learn to stop
-            ids += piece_ids
-            target += [is_answer or train_on_prompt] * len(piece_ids)
+        ids, target, _ = pieces_tokens(tokenizer, chat_pieces(tokenizer, example.messages), train_on_prompt)
     if target:
         target[0] = False  # nothing inside the example predicts its first token
     return TokenizedExample(input_ids=ids, target=target, source=example.source, origin=example.origin)
+
+
+def pieces_tokens(tokenizer, pieces: list[tuple[str, bool]],
+                  train_on_prompt: bool = False) -> tuple[list[int], list[bool], list[int]]:
+    """Token ids of `chat_pieces`, each piece tokenized on its own; which are targets; where each piece ends."""
+    ids: list[int] = []
+    target: list[bool] = []
+    ends: list[int] = []
+    eos_id = tokenizer.eos_token_id
+    for index, (text, is_answer) in enumerate(pieces):
+        piece_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ends_turn = eos_id is not None and piece_ids and piece_ids[-1] == eos_id
+        if is_answer and not ends_turn and _last_answer(pieces, index) and eos_id is not None:
+            piece_ids = piece_ids + [eos_id]  # a template without end-of-turn token: still learn to stop
+        ids += piece_ids
+        target += [is_answer or train_on_prompt] * len(piece_ids)
+        ends.append(len(ids))
+    return ids, target, ends
 
 
 def _last_answer(pieces: list[tuple[str, bool]], index: int) -> bool:

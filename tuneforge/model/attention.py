@@ -47,6 +47,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         value = value.repeat_interleave(groups, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    pairs = kwargs.get("shared_prompt_pairs")
+    if pairs is not None:
+        return _shared_prompt_attention(query, key, value, pairs, sliding_window, softcap, dropout, scaling), None
     bounds = cu_seqlens.tolist() if cu_seqlens is not None else [0, query.shape[2]]
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -59,6 +62,22 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         outputs.append(_example_attention(query[:, :, start:end], keys, values, prefix, sliding_window, softcap,
                                           dropout, scaling))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _shared_prompt_attention(query, key, value, pairs, window, softcap, dropout, scaling):
+    """Preference pairs laid out [prompt, chosen, rejected] (tuneforge.data.batching.collate_pairs): prompt and chosen
+    are one causal example; the rejected tokens see the prompt's keys as a cache in front of their own (query i of
+    the rejected part sits at key position len(prompt) + i), and never the chosen tokens."""
+    outputs = []
+    for start, prompt_end, chosen_end, end in pairs.tolist():
+        outputs.append(_example_attention(query[:, :, start:chosen_end], key[:, :, start:chosen_end],
+                                          value[:, :, start:chosen_end], 0, window, softcap, dropout, scaling))
+        if end > chosen_end:
+            keys = torch.cat([key[:, :, start:prompt_end], key[:, :, chosen_end:end]], dim=2)
+            values = torch.cat([value[:, :, start:prompt_end], value[:, :, chosen_end:end]], dim=2)
+            outputs.append(_example_attention(query[:, :, chosen_end:end], keys, values, prompt_end - start, window,
+                                              softcap, dropout, scaling))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
 def _example_attention(query, keys, values, prefix, window, softcap, dropout, scaling):

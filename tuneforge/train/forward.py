@@ -15,15 +15,21 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def batch_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens (divide by the step's target count for the mean)."""
+def target_hidden(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """The decoder body's hidden states at the positions that predict the batch's targets ([N, d]), the head's
+    weight, and the head's logit softcap (Gemma 2/3) or None: what the chunked head needs."""
     lm = causal_lm_of(model)
     # Token ids, positions and attention layout; prompt/prefix tuning add their learned virtual tokens here.
     inputs, predict_at = decoder_inputs(model, lm, batch)
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, predict_at)
-    softcap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma 2/3 cap the head's logits
-    return answer_token_loss_sum(hidden, lm.get_output_embeddings().weight, batch.targets, softcap=softcap)
+    return hidden, lm.get_output_embeddings().weight, getattr(lm.config, "final_logit_softcapping", None)
+
+
+def batch_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (divide by the step's target count for the mean)."""
+    hidden, head, softcap = target_hidden(model, batch)
+    return answer_token_loss_sum(hidden, head, batch.targets, softcap=softcap)
 
 
 class AnswerTokenLossSum(torch.nn.Module):

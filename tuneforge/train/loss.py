@@ -77,3 +77,75 @@ def naive_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: tor
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+
+def _chunk_logp(h, weight, t, softcap, acc, with_gradient: bool):
+    """log p(t) of one chunk's rows and, when asked, d(-log p)/d(logits) = softmax - onehot (through the softcap)."""
+    logits = (h @ weight.t()).to(acc)
+    capped = None
+    if softcap is not None:
+        capped = torch.tanh(logits / softcap)
+        logits = capped * softcap
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(1, t[:, None]).squeeze(1) - lse
+    if not with_gradient:
+        return logp, None
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(len(t), device=t.device), t] -= 1.0
+    if capped is not None:
+        probs.mul_(1.0 - capped * capped)
+    return logp, probs
+
+
+class _ChunkedTargetLogProbs(torch.autograd.Function):
+    """log p(target) for each row ([N]), chunked like the loss above; backward takes one gradient per row.
+
+    Preference objectives are not linear in the per-token terms (DPO's sigmoid of a difference of sums), so the
+    gradient cannot be folded in during the forward as the cross-entropy's is. What can: d logp / d hidden for each
+    row, (onehot - softmax) @ W, the size of `hidden`; backward only scales it by each row's incoming gradient. The
+    head's own gradient (full fine-tuning) needs that scale inside the vocabulary sum, so backward recomputes those
+    chunks' logits: one extra head matmul, only when the head trains."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows, softcap):
+        need_hidden_grad = ctx.needs_input_grad[0]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        logps = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        dlogp_dhidden = torch.empty_like(hidden) if need_hidden_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logps[rows], minus_dlogits = _chunk_logp(hidden[rows], weight, targets[rows], softcap, acc,
+                                                     need_hidden_grad)
+            if need_hidden_grad:
+                dlogp_dhidden[rows] = -(minus_dlogits.to(hidden.dtype) @ weight)
+        ctx.dlogp_dhidden, ctx.chunk_rows, ctx.softcap = dlogp_dhidden, chunk_rows, softcap
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(hidden, weight, targets)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        dh = None
+        if ctx.dlogp_dhidden is not None:
+            dh = ctx.dlogp_dhidden * grad_logps[:, None].to(ctx.dlogp_dhidden.dtype)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            hidden, weight, targets = ctx.saved_tensors
+            acc = torch.promote_types(hidden.dtype, torch.float32)
+            dw = torch.zeros_like(weight, dtype=acc)
+            for start in range(0, hidden.shape[0], ctx.chunk_rows):
+                rows = slice(start, start + ctx.chunk_rows)
+                _, minus_dlogits = _chunk_logp(hidden[rows], weight, targets[rows], ctx.softcap, acc, True)
+                scaled = (minus_dlogits * -grad_logps[rows, None].to(acc)).to(hidden.dtype)
+                dw += (scaled.t() @ hidden[rows]).to(acc)
+            dw = dw.to(weight.dtype)
+        return dh, dw, None, None, None
+
+
+def target_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                    chunk_rows: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for every row ([N]), never holding more than one chunk of logits."""
+    if chunk_rows is None:
+        chunk_rows = max(16, CHUNK_ELEMENTS // head_weight.shape[0])
+    return _ChunkedTargetLogProbs.apply(hidden, head_weight, targets, chunk_rows, softcap)

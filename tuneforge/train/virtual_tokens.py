@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tuneforge.data.batching import Batch
+from tuneforge.model.attention import PACKED_ATTENTION
 from tuneforge.model.virtual_generation import cache_argument, prompt_learning_type
 
 
@@ -29,6 +30,10 @@ def decoder_inputs(model: torch.nn.Module, lm: torch.nn.Module, batch: Batch) ->
                               "position_ids": batch.position_ids}
     if batch.cu_seqlens is not None:  # packed row: per-example attention (tuneforge.model.attention)
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = batch.cu_seqlens
+    if batch.pairs is not None:  # preference pairs sharing one prompt (tuneforge.model.attention)
+        # Any other attention would let the rejected answer see the chosen one, silently.
+        assert lm.config._attn_implementation == PACKED_ATTENTION, "shared-prompt rows need use_packed_attention"
+        inputs["shared_prompt_pairs"] = batch.pairs
     kind = prompt_learning_type(model)
     if kind == "prompt":
         return _with_soft_prompt(model, lm, batch, inputs)
