@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Config and data are checked before torch and transformers are even imported (seconds of startup): a broken
     # row fails at once. The loop trains on the rows read here.
     validate_for_training(cfg)
-    rows = read_raw(cfg.data, cfg.train.seed)
+    rows = read_raw(cfg.data, cfg.train.seed, cfg.objective)
     if args.nproc:
         return _launch_torchrun(args.nproc, cfg, args.argv)
     from tuneforge.plan.estimate import preflight_report

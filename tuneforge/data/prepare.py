@@ -10,6 +10,7 @@ import numpy as np
 
 from tuneforge.config import DataSettings, DataSource, data_sources
 from tuneforge.data.formats import Example, load_examples, load_examples_and_problems
+from tuneforge.data.preference_tokens import TokenizedPair, tokenize_pairs
 from tuneforge.data.tokenize import TokenizedExample, TokenizeReport, ensure_chat_template, tokenize_all
 from tuneforge.errors import DataError
 
@@ -19,8 +20,8 @@ SKIPPED_SHOWN = 20  # skipped rows logged with their reason (all are counted and
 
 @dataclass
 class PreparedData:
-    train: list[TokenizedExample]
-    val: list[TokenizedExample]
+    train: list[TokenizedExample] | list[TokenizedPair]
+    val: list[TokenizedExample] | list[TokenizedPair]
     train_report: TokenizeReport
     val_report: TokenizeReport | None
     val_rows: list[Example] = dataclasses.field(default_factory=list)  # untokenized: generation metrics need them
@@ -32,24 +33,26 @@ class PreparedData:
         return line
 
 
-def read_raw(data: DataSettings, seed: int) -> tuple[list[Example], list[Example]]:
+def read_raw(data: DataSettings, seed: int, objective: str = "sft") -> tuple[list[Example], list[Example]]:
     """Rows of train and validation data (validated, not tokenized): fast, so bad data fails before model loading.
-    Each row's `origin` names its source; with val_split, every training source gives its own share."""
+    Each row's `origin` names its source; with val_split, every training source gives its own share. `objective`:
+    what the rows must be (supervised rows for sft, preference pairs for the preference objectives)."""
     train: list[Example] = []
     val: list[Example] = []
     for source in data_sources(data.train):
-        rows = _source_rows(source, data, seed)
+        rows = _source_rows(source, data, seed, objective)
         if data.val is None and data.val_split > 0:
             rows, held_out = split_examples(rows, data.val_split, seed)
             val += held_out
         train += rows
     if data.val is not None:
-        val = [row for source in data_sources(data.val) for row in _source_rows(source, data, seed)]
+        val = [row for source in data_sources(data.val) for row in _source_rows(source, data, seed, objective)]
     return train, val
 
 
-def _source_rows(source: DataSource, data: DataSettings, seed: int) -> list[Example]:
+def _source_rows(source: DataSource, data: DataSettings, seed: int, objective: str) -> list[Example]:
     rows = _validated_rows(source.path, data, data.format if source.format == "default" else source.format)
+    _check_rows_fit(rows, objective)
     if source.max_rows is not None and len(rows) > source.max_rows:
         keep = sorted(np.random.default_rng([seed, len(rows)]).choice(len(rows), source.max_rows, replace=False))
         rows = [rows[i] for i in keep]
@@ -59,7 +62,7 @@ def _source_rows(source: DataSource, data: DataSettings, seed: int) -> list[Exam
 def _validated_rows(path: str, data: DataSettings, fmt: str) -> list[Example]:
     """The checks of `tuneforge data check` (every row, every problem); bad rows fail the run or are skipped."""
     if data.on_error == "fail":
-        return _supervised(load_examples(path, fmt, data.system_prompt, on_error="fail"))
+        return load_examples(path, fmt, data.system_prompt, on_error="fail")
     examples, problems = load_examples_and_problems(path, fmt, data.system_prompt)
     if problems:
         lines = ", ".join(p.where.rsplit(":", 1)[-1] for p in problems)
@@ -70,18 +73,23 @@ def _validated_rows(path: str, data: DataSettings, fmt: str) -> list[Example]:
             log.warning("data: ... `tuneforge data check %s` lists the other %d", path, len(problems) - SKIPPED_SHOWN)
     if not examples:
         raise DataError(f"{path}: no usable rows ({len(problems)} bad rows skipped)")
-    return _supervised(examples)
-
-
-def _supervised(examples: list[Example]) -> list[Example]:
-    # Training on preference rows as if supervised would learn the rejected (or undesirable) answers too.
-    first = examples[0]
-    if first.is_preference:
-        kind = "paired" if first.rejected is not None else "unpaired"
-        raise DataError(f"{first.source}: this file holds {kind} preference rows, and tuneforge trains supervised only "
-                        "so far (no preference objective yet); `tuneforge data convert FILE --to chat -o OUT` "
-                        "keeps the chosen answers for supervised training")
     return examples
+
+
+def _check_rows_fit(examples: list[Example], objective: str) -> None:
+    """A file's rows (one form per file) must be what the objective learns from."""
+    first = examples[0]
+    if objective == "sft":
+        # Training on preference rows as if supervised would learn the rejected (or undesirable) answers too.
+        if first.is_preference:
+            kind = "paired" if first.rejected is not None else "unpaired"
+            raise DataError(f"{first.source}: this file holds {kind} preference rows, and objective is 'sft'; set "
+                            "objective: dpo (or ipo, simpo, orpo) to learn from the pairs, or keep only the chosen "
+                            "answers for supervised training with `tuneforge data convert FILE --to chat -o OUT`")
+    elif first.rejected is None:
+        kind = "unpaired rows (prompt, completion, label: KTO's form)" if first.is_preference else "supervised rows"
+        raise DataError(f"{first.source}: objective {objective!r} learns from pairs ({{prompt, chosen, rejected}} or "
+                        f"{{chosen, rejected}} conversations), and this file holds {kind}")
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -98,13 +106,21 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
 def tokenize_data(
     data: DataSettings, tokenizer, train_rows: list[Example], val_rows: list[Example]
 ) -> PreparedData:
+    """Supervised rows become `TokenizedExample`s, preference pairs `TokenizedPair`s (one prompt, two answers)."""
     ensure_chat_template(tokenizer)
-    train, train_report = tokenize_all(tokenizer, train_rows, data.max_length, data.overlong, data.train_on_prompt)
+    pairs = bool(train_rows) and train_rows[0].rejected is not None
+
+    def tokenize(rows: list[Example], on_prompt: bool):
+        if pairs:
+            return tokenize_pairs(tokenizer, rows, data.max_length, data.overlong)
+        return tokenize_all(tokenizer, rows, data.max_length, data.overlong, on_prompt)
+
+    train, train_report = tokenize(train_rows, data.train_on_prompt)
     if not train:
         paths = ", ".join(s.path for s in data_sources(data.train))
         raise DataError(f"{paths}: no usable training examples after tokenization ({train_report.summary()})")
     val, val_report = [], None
     if val_rows:
         # Validation always measures the answer tokens: it is the quantity users compare across runs.
-        val, val_report = tokenize_all(tokenizer, val_rows, data.max_length, data.overlong, False)
+        val, val_report = tokenize(val_rows, False)
     return PreparedData(train, val, train_report, val_report, list(val_rows))

@@ -26,6 +26,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,7 @@ import yaml
 
 from tuneforge import run_dir as layout
 from tuneforge.config import RunConfig, data_sources, resume_differences, validate_for_training
-from tuneforge.data.batching import StepPlan, collate, epoch_steps, steps_in_epochs
+from tuneforge.data.batching import Batch, StepPlan, collate, collate_pairs, epoch_steps, steps_in_epochs
 from tuneforge.data.fingerprint import changed_data_files, data_file_hashes
 from tuneforge.data.formats import Example
 from tuneforge.data.mixing import describe, epoch_pool, plan_shares
@@ -53,7 +54,8 @@ from tuneforge.train.optim import build_optimizer, lr_at, set_lr
 from tuneforge.train.run_log import RunLog, plot_losses
 from tuneforge.train.selection import Evaluation, judge
 from tuneforge.train.signals import StopRequests
-from tuneforge.train.validate import validation_by_source
+from tuneforge.train.preference import PreferenceLossSum, attach_reference, objective_of, stats_record
+from tuneforge.train.validate import validation_by_source, validation_pairs
 from tuneforge.version import __version__
 
 log = logging.getLogger("tuneforge")
@@ -93,7 +95,9 @@ class Run:
     tokenizer: object
     data: PreparedData
     model: torch.nn.Module  # the (wrapped) model: saving and generation use it
-    loss_module: torch.nn.Module  # what forward/backward go through: DDP/FSDP-wrapped AnswerTokenLossSum
+    loss_module: torch.nn.Module  # what forward/backward go through: DDP/FSDP-wrapped AnswerTokenLossSum (or the
+    # preference objective's PreferenceLossSum)
+    collate_fn: Callable[[list], Batch]  # a micro-batch's examples (or pairs) -> the model's inputs
     optimizer: torch.optim.Optimizer
     trainable: list[torch.nn.Parameter]
     lengths: list[int]
@@ -115,9 +119,10 @@ class StepResult:
     grad_norm: float
     lr: float
     tokens: int  # all tokens of the global step
-    targets: int  # answer tokens of the global step
+    targets: int  # answer tokens of the global step (pairs, for a preference objective)
     seconds: float
     stop_requested: bool  # any rank got SIGTERM/SIGINT
+    preference: dict[str, float] | None = None  # rewards, reward accuracy, margin, log-probabilities (step means)
 
     @property
     def finite(self) -> bool:
@@ -144,7 +149,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     validate_for_training(cfg)
     check_available(cfg.train.report_to)
     # Data first: a broken row fails in seconds, before the model is loaded.
-    train_rows, val_rows = rows if rows is not None else read_raw(cfg.data, cfg.train.seed)
+    train_rows, val_rows = rows if rows is not None else read_raw(cfg.data, cfg.train.seed, cfg.objective)
     device = pick_device(cfg.train.device)
     world = distributed.start(cfg.train.distributed, cfg.train.distributed_timeout_s, device)
     try:
@@ -185,19 +190,28 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     if guard and not any(ex.origin == guard for ex in data.val):
         raise DataError(f"train.guard.source: no validation examples of {guard!r} are left after tokenization")
     if preflight is not None and world.is_main:
-        preflight([len(ex.input_ids) for ex in data.train])
+        preflight([ex.packed_length for ex in data.train])
 
+    t = cfg.train
+    autocast_dtype = torch.bfloat16 if _use_bf16(t.dtype, device) else None
     model = _prepare_model(cfg, device, world)
+    if cfg.objective == "sft":
+        loss, collate_fn = AnswerTokenLossSum(model), partial(collate, packing=cfg.data.packing,
+                                                              pad_id=tokenizer.pad_token_id)
+    else:
+        objective = objective_of(cfg)
+        if objective.uses_reference:  # the model as it starts, before any checkpoint's weights go in
+            attach_reference(cfg, run_dir, model, data.train, data.val, device, world, autocast_dtype)
+        loss, collate_fn = PreferenceLossSum(model, objective), partial(collate_pairs, prompt_targets=objective.nll)
     loaded = None
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from)
         # Into the whole model, before FSDP shards it: every rank reads the same checkpoint.
         ckpt.load_trainable_state(model, loaded["weights"])
-    loss_module = distributed.wrap(world, AnswerTokenLossSum(model), device)
+    loss_module = distributed.wrap(world, loss, device)
     optimizer = build_optimizer(model, cfg.train)  # after wrapping: under FSDP it holds the shards
 
-    t = cfg.train
-    lengths = [len(ex.input_ids) for ex in data.train]
+    lengths = [ex.packed_length for ex in data.train]
     # One plan for the whole world: a global step is grad_accum micro-batches per rank.
     step_plan = StepPlan(t.batch_size, t.grad_accum * world.size, t.tokens_per_batch, cfg.data.packing,
                          cfg.data.group_by_length, t.seed)
@@ -224,10 +238,10 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                      trackers=start_trackers(t.report_to, run_dir, cfg.to_dict(), state.step) if world.is_main else [])
     run_log.log({"event": "resume" if resume_from else "start", "step": state.step, "total_steps": total_steps,
                  "train_examples": len(data.train), "val_examples": len(data.val), "device": device,
-                 "method": cfg.method, "processes": world.size, "distributed": world.mode,
+                 "method": cfg.method, "objective": cfg.objective, "processes": world.size,
+                 "distributed": world.mode,
                  **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {})})
-    autocast_dtype = torch.bfloat16 if _use_bf16(t.dtype, device) else None
-    return Run(cfg, run_dir, world, device, autocast_dtype, tokenizer, data, model, loss_module, optimizer,
+    return Run(cfg, run_dir, world, device, autocast_dtype, tokenizer, data, model, loss_module, collate_fn, optimizer,
                [p for p in model.parameters() if p.requires_grad], lengths, step_plan, pool_of, total_steps,
                config_text, resume_from, run_log, state, best_weights, first_step=state.step)
 
@@ -342,22 +356,29 @@ def optimizer_step(run: Run, micro_batches: list[list[int]], stop: StopRequests)
     started = time.perf_counter()
     lr = lr_at(state.step, run.total_steps, t)
     set_lr(run.optimizer, lr)
-    packing, pad_id = run.cfg.data.packing, run.tokenizer.pad_token_id
-    batches = [collate([run.data.train[i] for i in mb], packing, pad_id)
-               for mb in distributed.my_share(world, micro_batches)]
-    # The loss divisor: answer tokens of the whole global step, summed over ranks before any backward.
-    step_targets = int(distributed.all_reduce_sum(world, [sum(b.num_targets for b in batches)])[0])
+    batches = [run.collate_fn([run.data.train[i] for i in mb]) for mb in distributed.my_share(world, micro_batches)]
+    # The loss divisor: answer tokens (pairs) of the whole global step, summed over ranks before any backward.
+    step_targets, nll_targets = distributed.all_reduce_sum(
+        world, [sum(b.divisor_count for b in batches), sum(b.num_nll_targets for b in batches)])
+    step_targets = int(step_targets)
+    for batch in batches:  # ORPO: its NLL term is a token mean over the step, inside a mean over pairs
+        batch.nll_scale = step_targets / nll_targets if nll_targets else 0.0
     passes = distributed.share_count(world, len(micro_batches))
     # A rank left without micro-batches in a short last step still runs a pass (weighted 0).
-    filler = batches[0] if batches else collate([run.data.train[i] for i in micro_batches[0]], packing, pad_id)
+    filler = batches[0] if batches else run.collate_fn([run.data.train[i] for i in micro_batches[0]])
+    stats: list[torch.Tensor] = []
     step_loss = accumulate_gradients(run.loss_module, batches, run.device, run.autocast_dtype, step_targets, passes,
-                                     world, filler)
+                                     world, filler, stats)
     max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
     grad_norm = distributed.total_norm(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm))
-    # One all-reduce per step: the step's loss over all ranks, and whether any rank got a stop signal.
-    step_loss, stop_votes = distributed.all_reduce_sum(world, [step_loss, float(stop.requested)])
+    # One all-reduce per step: the step's loss over all ranks, whether any rank got a stop signal, the preference
+    # statistics (every rank has one sum per statistic: a rank without micro-batches adds zeros).
+    stat_sums = torch.stack(stats).sum(0).tolist() if stats else []
+    step_loss, stop_votes, *stat_sums = distributed.all_reduce_sum(world, [step_loss, float(stop.requested),
+                                                                           *stat_sums])
     result = StepResult(step_loss, grad_norm, lr, sum(b.num_tokens for b in batches) * world.size, step_targets,
-                        0.0, stop_votes > 0)  # tokens: this rank's, scaled to the world
+                        0.0, stop_votes > 0,  # tokens: this rank's, scaled to the world
+                        stats_record(stat_sums) if stat_sums else None)
     if result.finite:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -371,13 +392,14 @@ def optimizer_step(run: Run, micro_batches: list[list[int]], stop: StopRequests)
 
 def accumulate_gradients(loss_module, batches, device: str, autocast_dtype, step_targets: int | None = None,
                          passes: int | None = None, world: distributed.World | None = None,
-                         filler=None) -> float:
+                         filler=None, stats: list | None = None) -> float:
     """Backward over this rank's micro-batches of a step; returns its part of the step's answer-token mean loss.
 
-    `step_targets`: answer tokens in the whole (global) step; `passes`: forward/backward passes every rank makes
-    (ranks with fewer micro-batches run `filler` with weight 0, so that DDP's and FSDP's collectives line up)."""
+    `step_targets`: answer tokens (pairs) in the whole (global) step; `passes`: forward/backward passes every rank
+    makes (ranks with fewer micro-batches run `filler` with weight 0, so that DDP's and FSDP's collectives line up).
+    `stats`: a preference objective's statistics of each micro-batch are appended to it (zeros for a filler)."""
     world = world or distributed.World("none")
-    step_targets = step_targets if step_targets is not None else sum(b.num_targets for b in batches)
+    step_targets = step_targets if step_targets is not None else sum(b.divisor_count for b in batches)
     passes = passes if passes is not None else len(batches)
     # DDP and FSDP average gradients over ranks; the world-size factor turns that average back into the sum.
     scale = world.size / step_targets
@@ -389,8 +411,12 @@ def accumulate_gradients(loss_module, batches, device: str, autocast_dtype, step
                 device_type=device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             # Divide by the whole step's target count, not the micro-batch's: the step's loss is a mean over all its
             # answer tokens, so splitting a step into more micro-batches (or ranks) cannot change the gradient.
-            loss = loss_module(batch.to(device)) * (scale if real else 0.0)
+            out = loss_module(batch.to(device))
+            loss, batch_stats = out if isinstance(out, tuple) else (out, None)
+            loss = loss * (scale if real else 0.0)
             loss.backward()
+        if batch_stats is not None and stats is not None:
+            stats.append(batch_stats.cpu() * float(real))
         if real:
             step_loss += loss.item() / world.size
     return step_loss
@@ -404,8 +430,10 @@ def record_step(run: Run, result: StepResult) -> None:
         state.bad_steps, state.last_loss = 0, result.loss
         _check_loss_spike(state, result.loss, t, run.run_dir)
         if state.step % t.log_every == 0 or state.step == run.total_steps:
+            counted = {"pairs": result.targets, **result.preference} if result.preference is not None else \
+                {"target_tokens": result.targets}
             run.log.log({"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": result.lr,
-                         "grad_norm": result.grad_norm, "tokens": result.tokens, "target_tokens": result.targets,
+                         "grad_norm": result.grad_norm, "tokens": result.tokens, **counted,
                          "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds})
         return
     # A NaN/Inf step changes nothing: its update is skipped, the data and schedule move on.
@@ -440,16 +468,23 @@ def _check_loss_spike(state: TrainerState, loss: float, t, run_dir: Path) -> Non
 
 
 def evaluate(run: Run) -> Evaluation:
-    """Validation loss (overall and per source), the generation metric if asked for, and the score that "best"
-    follows (lower is better)."""
+    """Validation loss (overall and per source; a preference objective's loss, rewards and reward accuracy over the
+    held-out pairs), the generation metric if asked for, and the score that "best" follows (lower is better)."""
     t, state = run.cfg.train, run.state
-    overall, by_source = validation_by_source(run.model, run.data.val, t.batch_size, run.cfg.data.packing,
-                                              run.tokenizer.pad_token_id, run.device, run.autocast_dtype, run.world,
-                                              run.loss_module)
-    record = {"step": state.step, "val_loss": overall,
-              **({"val_loss_by_source": by_source} if len(by_source) > 1 or t.guard.source else {})}
-    shown = "".join(f", {name} {loss:.4f}" for name, loss in by_source.items()) if len(by_source) > 1 else ""
-    score = overall
+    if run.cfg.objective == "sft":
+        overall, by_source = validation_by_source(run.model, run.data.val, t.batch_size, run.cfg.data.packing,
+                                                  run.tokenizer.pad_token_id, run.device, run.autocast_dtype,
+                                                  run.world, run.loss_module)
+        record = {"step": state.step, "val_loss": overall,
+                  **({"val_loss_by_source": by_source} if len(by_source) > 1 or t.guard.source else {})}
+        shown = "".join(f", {name} {loss:.4f}" for name, loss in by_source.items()) if len(by_source) > 1 else ""
+        score = overall
+    else:
+        overall, sums = validation_pairs(run.loss_module, run.data.val, t.batch_size, run.collate_fn, run.device,
+                                         run.autocast_dtype, run.world)
+        by_source, record = {}, {"step": state.step, "val_loss": overall, **stats_record(sums, "val_")}
+        shown = f", reward accuracy {record['val_reward_accuracy']:.3f}, margin {record['val_reward_margin']:.4f}"
+        score = -record["val_reward_accuracy"] if t.early_stopping_metric == "reward_accuracy" else overall
     if t.eval_metric:
         # What the model writes, not only how well it predicts the reference: the two can disagree. (The one place
         # the loop reaches into eval/: generation and metrics live there for `tuneforge eval` too.)
@@ -507,7 +542,8 @@ def finish(run: Run) -> TrainResult:
         state.val_loss = state.best_val
     if run.cfg.data.packing:
         use_standard_attention(model)  # what is saved must generate with ordinary attention
-    meta = {"base_model": run.cfg.model, "method": run.cfg.method, "tuneforge_version": __version__,
+    meta = {"base_model": run.cfg.model, "method": run.cfg.method, "objective": run.cfg.objective,
+            "tuneforge_version": __version__,
             "steps": state.step, "val_loss": state.val_loss, "train_loss": _json_float(state.last_loss)}
     full_state = distributed.gather_full_model(world, run.loss_module)  # FSDP: the shards, gathered on rank 0
     memory = distributed.memory_per_rank(world, model, run.optimizer)

@@ -46,7 +46,7 @@ log = logging.getLogger("tuneforge")
 
 # What a micro-batch's statistics tensor holds (sums over its pairs; the loop adds them over a step or a validation).
 STATS = ("pairs", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
-         "logps_rejected", "accuracy_per_token")
+         "logps_rejected", "accuracy_length_normalised")
 
 
 @dataclass(frozen=True)

@@ -39,24 +39,49 @@ def validation_by_source(model, examples: list[TokenizedExample], batch_size: in
     return total / max(count, 1), {name: t / max(c, 1) for name, (t, c) in sums.items()}
 
 
+def validation_pairs(loss_module: torch.nn.Module, pairs: list, batch_size: int, collate_fn, device: str,
+                     autocast_dtype=None, world=None) -> tuple[float, list[float]]:
+    """A preference objective's mean loss over held-out pairs and the summed statistics of
+    tuneforge.train.preference.STATS. ORPO's NLL term is a token mean over the whole set, as over a whole step."""
+    batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+    collated = [collate_fn(rows) for rows in batches]
+    nll_tokens = sum(b.num_nll_targets for b in collated)
+    for batch in collated:
+        batch.nll_scale = len(pairs) / nll_tokens if nll_tokens else 0.0
+    total, count, stats = _batch_sums(loss_module, collated, device, autocast_dtype, world)
+    return total / max(count, 1), stats
+
+
 @torch.no_grad()
 def _loss_sums(model, examples, batch_size, packing, pad_id, device, autocast_dtype, world, loss_module):
-    world = world or distributed.World("none")
     loss_module = loss_module or AnswerTokenLossSum(model)
+    batches = [collate(examples[i : i + batch_size], packing, pad_id) for i in range(0, len(examples), batch_size)]
+    total, count, _ = _batch_sums(loss_module, batches, device, autocast_dtype, world)
+    return total, count
+
+
+@torch.no_grad()
+def _batch_sums(loss_module, batches, device, autocast_dtype, world) -> tuple[float, float, list[float]]:
+    """(summed loss, what it is a mean over, summed statistics) of this rank's share of `batches`, added up over
+    ranks. Every rank makes the same number of forward passes (FSDP all-gathers weights in each); a rank whose share
+    is shorter repeats a batch and does not count it."""
+    world = world or distributed.World("none")
     was_training = loss_module.training
     loss_module.eval()
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     mine = distributed.my_share(world, batches)
-    total, count = 0.0, 0
-    # Every rank makes the same number of forward passes (FSDP all-gathers weights in each); a rank whose share is
-    # shorter repeats a batch and does not count it.
+    total, count, stats = 0.0, 0, None
     for i in range(distributed.share_count(world, len(batches))):
-        rows = mine[i] if i < len(mine) else batches[0]
-        batch = collate(rows, packing, pad_id).to(device)
+        batch = (mine[i] if i < len(mine) else batches[0]).to(device)
         with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss_sum = float(loss_module(batch))
+            out = loss_module(batch)
+        loss_sum, batch_stats = out if isinstance(out, tuple) else (out, None)
+        if batch_stats is not None and stats is None:  # every rank sums as many statistics, counted or not
+            stats = torch.zeros_like(batch_stats.cpu())
         if i < len(mine):
-            total, count = total + loss_sum, count + batch.num_targets
+            total, count = total + float(loss_sum), count + batch.divisor_count
+            if batch_stats is not None:
+                stats += batch_stats.cpu()
     loss_module.train(was_training)
-    total, count = distributed.all_reduce_sum(world, [total, float(count)])
-    return total, count
+    stats_list = [] if stats is None else stats.tolist()
+    total, count, *stats_list = distributed.all_reduce_sum(world, [total, float(count), *stats_list])
+    return total, count, stats_list
