@@ -1,7 +1,8 @@
 """Fault injection for the reliability tests: run `train` in this process and SIGKILL it at a chosen point.
 
 usage: python -m tests.unit.fault_driver MODE N [--config RUN.yaml] [key=value ...]
-  MODE=microbatch  die when the N-th training micro-batch starts (mid-step when grad_accum > 1)
+  MODE=microbatch  die when the N-th loss forward starts: a training micro-batch (mid-step when grad_accum > 1),
+                   or a validation batch
   MODE=write       die at the N-th checkpoint write event; a safetensors file being written is left torn
   MODE=slow        every micro-batch sleeps N ms (to give signal tests a wide window); no kill
   MODE=fail_rank1  under torchrun: rank 1 raises an error at its N-th micro-batch (a crashed peer)
@@ -17,7 +18,7 @@ import time
 from tuneforge.cli import quiet_libraries
 from tuneforge.config import load_config
 from tuneforge.errors import UserError
-from tuneforge.train import checkpoint, forward, loop
+from tuneforge.train import checkpoint, forward, loop, preference
 
 
 def die() -> None:
@@ -31,19 +32,21 @@ def main() -> int:
         config_file, overrides = overrides[1], overrides[2:]
     calls = {"n": 0}
     if mode in ("microbatch", "slow", "fail_rank1"):
-        original = forward.batch_loss_sum
+        # Every micro-batch goes through the loss module's forward: the supervised one or a preference objective's.
+        def counting(original):
+            def counted(*args, **kwargs):
+                calls["n"] += 1
+                if mode == "microbatch" and calls["n"] == n:
+                    die()
+                if mode == "fail_rank1" and calls["n"] == n and os.environ.get("RANK") == "1":
+                    raise RuntimeError("injected failure on rank 1")
+                if mode == "slow":
+                    time.sleep(n / 1000)
+                return original(*args, **kwargs)
+            return counted
 
-        def counted(*args, **kwargs):
-            calls["n"] += 1
-            if mode == "microbatch" and calls["n"] == n:
-                die()
-            if mode == "fail_rank1" and calls["n"] == n and os.environ.get("RANK") == "1":
-                raise RuntimeError("injected failure on rank 1")
-            if mode == "slow":
-                time.sleep(n / 1000)
-            return original(*args, **kwargs)
-
-        forward.batch_loss_sum = counted
+        forward.AnswerTokenLossSum.forward = counting(forward.AnswerTokenLossSum.forward)
+        preference.PreferenceLossSum.forward = counting(preference.PreferenceLossSum.forward)
     elif mode == "write":
         def hook(name, original, tear=False):
             def wrapped(*args, **kwargs):

@@ -48,14 +48,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     started = time.monotonic()
     plan = eval_plan(args)
     metrics = plan.metrics
-    if not (args.data or args.general or args.mc or args.humaneval or args.lm_eval):
-        raise UserError("nothing to evaluate: give --data (and/or --general, --mc, --humaneval, --lm-eval)")
+    if not (args.data or args.pairs or args.general or args.mc or args.humaneval or args.lm_eval):
+        raise UserError("nothing to evaluate: give --data (and/or --pairs, --general, --mc, --humaneval, --lm-eval)")
     if args.judge_url and not args.judge_model:
         raise UserError("--judge-url: also give --judge-model (the model name the endpoint serves)")
     if args.judge_url and not (args.data and set(metrics) & {"rouge", "bleu", "exact_match"}):
         raise UserError("--judge-url: the judge reads generated answers: give --data and a generation metric "
                         "(rouge, bleu or exact_match)")
     eval_set = load_eval_set(args.data, metrics) if args.data else None
+    if args.pairs:  # a file that holds no pairs fails here, before any model loads
+        from tuneforge.eval.preference import load_pairs
+
+        load_pairs(args.pairs)
     torch.manual_seed(plan.generation.seed)  # sampling (--temperature > 0) repeats run to run
 
     compare = args.compare
@@ -107,6 +111,7 @@ def add_parsers(sub) -> None:
     # Defaults, help and ranges: EvalPlan and GenerationSettings (eval/settings.py), the one home of eval's defaults.
     add_option(p, EvalPlan, "data")
     add_option(p, EvalPlan, "metrics")
+    add_option(p, EvalPlan, "pairs")
     p.add_argument("--compare", help="a baseline evaluated on the same rows, e.g. smollm2-135m-instruct")
     p.add_argument("--out", help="directory for examples.jsonl, summary.json and table.txt")
     add_option(p, EvalPlan, "show")

@@ -17,7 +17,7 @@ from tuneforge.eval.suite import EvalSet, ModelEval
 # Scores where lower is better; everything else (accuracies, ROUGE, BLEU, pass@k, ratings) is higher-is-better.
 LOWER_IS_BETTER = ("perplexity", "answer_loss", "general_perplexity")
 # Counts and sizes: shown, but no model is "better" on them.
-NEUTRAL = ("humaneval_problems",)
+NEUTRAL = ("humaneval_problems", "preference_pairs")
 
 
 def better(metric: str, tuned: float, base: float) -> str:

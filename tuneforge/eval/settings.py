@@ -33,6 +33,8 @@ class EvalPlan:
     """What to measure; every model of one `eval` call gets the same plan."""
 
     data: str | None = setting(None, "Held-out rows (instruction, chat or completion format).")
+    pairs: str | None = setting(None, "Held-out preference pairs: how often chosen scores above rejected (raw and "
+                                      "per answer token) and the mean log-probability margin.")
     metrics: tuple[str, ...] = setting(METRICS, f"Comma-separated, from {','.join(METRICS)}.")
     show: int = setting(5, "Examples to print side by side.")
     generation: GenerationSettings = field(default_factory=GenerationSettings,

@@ -77,6 +77,11 @@ def evaluate_loaded(model, tokenizer, label: str, name: str, plan: EvalPlan, eva
                                           gen.temperature, gen.top_p)
         result.scores.update(generation_scores(wanted, result.replies, eval_set.references))
         result.per_example = per_example_scores(wanted, result.replies, eval_set.references)
+    if plan.pairs:
+        from tuneforge.eval.preference import load_pairs, preference_scores
+
+        log.info("eval: %s: scoring preference pairs", label)
+        result.scores.update(preference_scores(model, tokenizer, load_pairs(plan.pairs), gen.batch_size))
     if plan.general:
         from tuneforge.eval.forgetting import general_perplexity
 
