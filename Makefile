@@ -12,7 +12,7 @@ NODE_LLAMA_CPP := node-llama-cpp@3.21.1 @node-llama-cpp/linux-x64@3.21.1
 NODE_LLAMA_CPP_DIR := $(VENV)/node-llama-cpp
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install test-tools demo test clean
+.PHONY: install test-tools demo preference-demo test clean
 
 install: $(STAMP)
 
@@ -40,6 +40,13 @@ $(TEST_TOOLS): $(STAMP) Makefile
 demo: $(STAMP)
 	$(BIN)/tuneforge train configs/demo.yaml --resume  # a second `make demo` (or one after Ctrl-C) continues, never redoes
 	$(BIN)/tuneforge eval runs/demo --data examples/demo/test.jsonl --compare smollm2-135m-instruct --show 6 --out runs/demo/eval  # the report stays with the run: `tuneforge ui` shows its scores
+
+# Supervised tuning leaves a flaw (a pleasantry after every answer); DPO on top of it removes it. Each stage resumes.
+preference-demo: $(STAMP)
+	$(BIN)/tuneforge train configs/preference_demo_sft.yaml --resume
+	test -f runs/preference-demo-sft-merged/model.safetensors || $(BIN)/tuneforge merge runs/preference-demo-sft -o runs/preference-demo-sft-merged
+	$(BIN)/tuneforge train configs/preference_demo_dpo.yaml --resume
+	$(BIN)/tuneforge eval runs/preference-demo-dpo --data examples/demo/test.jsonl --metrics exact_match --pairs examples/preference_demo/test_pairs.jsonl --compare runs/preference-demo-sft-merged --show 4 --out runs/preference-demo-dpo/eval
 
 test: $(STAMP) $(TEST_TOOLS)
 	$(BIN)/python -m pytest -q --durations=30 tests

@@ -121,7 +121,7 @@ def messages(row: dict) -> list[dict]:
 # Peers (each runs in a worker process)
 
 
-def hf_model_and_tokenizer():
+def hf_model_and_tokenizer(dropout: float = 0.05):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -129,7 +129,7 @@ def hf_model_and_tokenizer():
     from tuneforge.model.load import load_tokenizer, resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32, attn_implementation="sdpa")
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
     return get_peft_model(model, lora), load_tokenizer(MODEL)
 
 
@@ -276,11 +276,12 @@ def matmul_peak(torch) -> float:
 # Orchestration and the table
 
 
-def run_peer(peer: str, train_file: Path, run_dir: Path) -> dict:
+def run_peer(peer: str, train_file: Path, run_dir: Path, script: str = __file__) -> dict:
+    """`script --worker PEER` in its own process: its timing.json plus its peak RSS (wait4)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = (run_dir / "log.txt").open("w")
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", peer, "--train", str(train_file),
+    proc = subprocess.Popen([sys.executable, script, "--worker", peer, "--train", str(train_file),
                              "--run", str(run_dir)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -99,7 +99,7 @@ class PromptSettings:
         resume=MUST_MATCH)
 
 
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "kto")
 PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
 REFERENCE_FREE = ("simpo", "orpo")  # objectives with no reference model at all
 
@@ -133,9 +133,19 @@ class OrpoSettings:
 
 
 @dataclass
+class KtoSettings:
+    beta: float = _f(0.1, "KTO's beta: how far the model may move from the reference (as DPO's).", min=0,
+        min_exclusive=True, resume=MUST_MATCH)
+    desirable_weight: float = _f(1.0, "Weight of the desirable examples' loss (raise it when they are the fewer).",
+        min=0, min_exclusive=True, resume=MUST_MATCH)
+    undesirable_weight: float = _f(1.0, "Weight of the undesirable examples' loss.", min=0, min_exclusive=True,
+        resume=MUST_MATCH)
+
+
+@dataclass
 class PreferenceSettings:
     reference: Literal["auto", "none"] = _f(
-        "auto", "DPO/IPO's reference: 'auto' = the model before training (its log-probabilities computed once and "
+        "auto", "DPO/IPO/KTO's reference: 'auto' = the model before training (its log-probabilities computed once and "
         "stored in the run directory), 'none' = reference-free (log-ratios against 0). SimPO and ORPO use none.",
         resume=MUST_MATCH)
 
@@ -285,7 +295,8 @@ class RunConfig:
     method: Literal[METHOD_NAMES] = _f("lora", method_help(), resume=MUST_MATCH)  # the choices: method_registry
     objective: Literal[OBJECTIVES] = _f(
         "sft", "What training optimises: 'sft' = the answers' cross-entropy; 'dpo', 'ipo', 'simpo', 'orpo' = "
-        "preference tuning on pairs of a chosen and a rejected answer (settings in the section of that name).",
+        "preference tuning on pairs of a chosen and a rejected answer; 'kto' = on answers marked desirable or not "
+        "(settings in the section of that name).",
         resume=MUST_MATCH)
     output_dir: str = _f("runs/run", "Run directory: metrics, resolved config and the trained weights.",
         resume=MAY_CHANGE)
@@ -300,6 +311,7 @@ class RunConfig:
     ipo: IpoSettings = field(default_factory=IpoSettings)
     simpo: SimpoSettings = field(default_factory=SimpoSettings)
     orpo: OrpoSettings = field(default_factory=OrpoSettings)
+    kto: KtoSettings = field(default_factory=KtoSettings)
     preference: PreferenceSettings = field(default_factory=PreferenceSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -555,7 +567,7 @@ def check_objective(cfg: RunConfig) -> None:
     if objective == "sft":
         if cfg.train.early_stopping_metric == "reward_accuracy":
             raise ConfigError("train.early_stopping_metric: 'reward_accuracy' needs a preference objective "
-                              "(objective: dpo, ipo, simpo or orpo)")
+                              "(objective: dpo, ipo, simpo, orpo or kto)")
         return
     if cfg.method in ("prefix", "prompt"):
         # Their virtual tokens go in front of every example, and a pair's rejected answer reads the prompt as a cache.

@@ -70,9 +70,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / name)
 
 
-def assert_same_run(reference: Path, other: Path, tolerance: float = TOLERANCE) -> None:
+def assert_same_run(reference: Path, other: Path, tolerance: float = TOLERANCE, steps: int = 8) -> None:
     ref_losses, losses = step_losses(reference), step_losses(other)
-    assert len(ref_losses) == len(losses) == 8
+    assert len(ref_losses) == len(losses) == steps
     assert max(abs(a - b) for a, b in zip(ref_losses, losses)) < tolerance, (ref_losses, losses)
     ref_w, w = weights(reference), weights(other)
     assert ref_w.keys() == w.keys()

@@ -217,6 +217,8 @@ def test_what_a_preference_objective_cannot_train_with_is_refused_in_one_line(pa
 def test_rows_that_do_not_fit_the_objective_are_refused_naming_the_file(pairs_file, tmp_path):
     supervised = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "Hi", "output": "Hello"}])
     unpaired = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "Hi", "completion": "Hello", "label": True}])
+    with pytest.raises(DataError, match="sft.jsonl:1: objective 'kto' learns from answers marked desirable or not"):
+        read_raw(config_from_dict({"objective": "kto", "data": {"train": str(supervised)}}).data, 0, "kto")
     for path, kind in ((supervised, "supervised rows"), (unpaired, "unpaired rows")):
         cfg = config_from_dict({"objective": "dpo", "data": {"train": str(path)}})
         with pytest.raises(DataError, match=f"{path.name}:1: objective 'dpo' learns from pairs .* holds {kind}"):
@@ -251,32 +253,35 @@ def test_full_fine_tuning_dpo_stores_its_reference_before_the_first_update(tiny_
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_dpo_two_processes_equal_one(tmp_path_factory, tiny_model_dir, mode):
+@pytest.mark.parametrize("mode, objective", [("ddp", "dpo"), ("fsdp", "dpo"), ("ddp", "kto")])
+def test_preference_two_processes_equal_one(tmp_path_factory, tiny_model_dir, mode, objective):
     """38 pairs in micro-batches of 3 (13 per epoch): each epoch's last step has one micro-batch and one rank none,
-    so the zero-weighted filler pass, its zero statistics and the reference pass's share per rank are exercised."""
+    so the zero-weighted filler pass, its zero statistics and the reference pass's share per rank are exercised.
+    KTO (the pairs unpaired: 76 answers, 26 micro-batches per epoch, 4 steps) also has its KL estimate, one per step
+    over every rank's micro-batches, so the 2 x 2 split must give the 1 x 4 one's numbers."""
     from tests.unit.test_distributed import assert_same_run, torchrun, write_config
     from tuneforge.config import load_config
 
-    tmp = tmp_path_factory.mktemp(f"dpo-{mode}")
+    tmp = tmp_path_factory.mktemp(f"{objective}-{mode}")
     data = write_jsonl(tmp / "pairs.jsonl", pair_rows(38, seed=11))
     val = write_jsonl(tmp / "val.jsonl", pair_rows(7, seed=12))
-    one = tmp_path_factory.getbasetemp() / "dpo-one-process"
+    steps = {"dpo": [], "kto": ["train.epochs=1"]}[objective]  # 7 steps per epoch for KTO's 76 examples
+    one = tmp_path_factory.getbasetemp() / f"{objective}-one-process"
     if not (one / "adapter_model.safetensors").exists():
         cfg_file = write_config(tmp / "one.yaml", tiny_model_dir, data, one, "lora", eval_every=4)
-        train(load_config(cfg_file, ["objective=dpo", f"data.val={val}", "train.grad_accum=4"]),
+        train(load_config(cfg_file, [f"objective={objective}", f"data.val={val}", "train.grad_accum=4", *steps]),
               show_progress=False)
     cfg_file = write_config(tmp / "two.yaml", tiny_model_dir, data, tmp / mode, "lora", eval_every=4)
-    done = torchrun("-m", "tuneforge", "train", str(cfg_file), "objective=dpo", f"data.val={val}",
-                    f"train.distributed={mode}", "--quiet")
+    done = torchrun("-m", "tuneforge", "train", str(cfg_file), f"objective={objective}", f"data.val={val}",
+                    f"train.distributed={mode}", *steps, "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_run(one, tmp / mode)
-    for name in ("reward_margin", "val_reward_accuracy", "val_loss"):
+    assert_same_run(one, tmp / mode, steps=8 if objective == "dpo" else 7)
+    for name in ("reward_margin", "val_reward_accuracy", "val_loss") + (("kl",) if objective == "kto" else ()):
         a = [r[name] for r in records(one) if name in r]
         b = [r[name] for r in records(tmp / mode) if name in r]
         assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < TOL, name
     stored = [torch.tensor(read_reference(run)["train"]) for run in (one, tmp / mode)]
-    assert stored[0].shape == (38, 2) and (stored[0] - stored[1]).abs().max() < TOL
+    assert stored[0].shape == ((38 if objective == "dpo" else 76), 2) and (stored[0] - stored[1]).abs().max() < TOL
 
 
 def test_eval_pairs_scores_tuned_and_base_as_transformers_does(tiny_model_dir, tmp_path):
@@ -326,3 +331,24 @@ def test_eval_pairs_refuses_a_file_without_pairs(tiny_model_dir, tmp_path):
     rows = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "Hi", "output": "Hello"}])
     result = run_cli("eval", str(tiny_model_dir), "--pairs", str(rows))
     assert result.returncode != 0 and "sft.jsonl:1: --pairs needs preference pairs" in result.stderr
+
+
+def test_kto_trains_on_unpaired_rows_and_on_pairs(tiny_model_dir, tmp_path):
+    """KTO learns from {prompt, completion, label} rows; a pair file gives it two answers each (chosen desirable,
+    rejected not). Desirable answers' rewards rise above the undesirable ones', and the KL estimate is logged."""
+    from tuneforge.config import load_config
+
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 3 else r["rejected"], "label": bool(i % 3)}
+            for i, r in enumerate(pair_rows(36))]
+    unpaired = write_jsonl(tmp_path / "kto.jsonl", rows)
+    for name, path, count in (("unpaired", unpaired, 36), ("pairs", write_jsonl(tmp_path / "p.jsonl", pair_rows(18)),
+                                                           36)):
+        out = tmp_path / name
+        result = train(load_config(None, [f"model={tiny_model_dir}", f"data.train={path}", f"output_dir={out}",
+                                          "objective=kto", "train.epochs=2", "train.batch_size=6", "train.lr=5e-3",
+                                          "train.save_every=0", "lora.dropout=0", "kto.desirable_weight=1.5"]),
+                       show_progress=False)
+        steps = [r for r in records(result.run_dir) if "pairs" in r]
+        assert len(steps) == 12 and len(read_reference(out)["train"]) == count
+        assert all("kl" in r and r["kl"] >= 0 for r in steps) and any(r["kl"] > 0 for r in steps)
+        assert steps[-1]["reward_margin"] > 0.05 and steps[-1]["loss"] < steps[0]["loss"]

@@ -19,11 +19,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.data is not None:
         if not Path(args.data).exists():
             raise UserError(f"--data: file not found: {args.data}")
-        shape = measure_data(load_config(overrides=[f"data.train={args.data}"]).data, model)
+        shape = measure_data(load_config(overrides=[f"data.train={args.data}"]).data, model,
+                             objective=args.objective)
         print(f"data: {shape.summary()}")
     examples = shape.num_examples if shape is not None else args.examples
     rec = recommend(model, examples, args.gpu_mem, args.domain_shift, shape=shape, data_path=args.data,
-                    seq_len=args.seq_len, device=args.device)
+                    seq_len=args.seq_len, device=args.device, objective=args.objective)
     text = render_yaml(rec)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
@@ -84,6 +85,7 @@ def _throughput(args: argparse.Namespace, cfg) -> tuple[float, str] | None:
 
 
 def add_parsers(sub) -> None:
+    from tuneforge.config import OBJECTIVES
     from tuneforge.plan import DEFAULT_DOMAIN_SHIFT, DOMAIN_SHIFTS, ENGINES, METHODS, OPTIMIZERS
 
     p = sub.add_parser("recommend", help="the guide's decision tree for your model, data and GPU: a ready run file")
@@ -97,6 +99,8 @@ def add_parsers(sub) -> None:
                    help="how far the target is from what the model already does (sets the LoRA rank)")
     p.add_argument("--seq-len", type=int, help="max_length in tokens (default: from --data, else config default)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what --gpu-mem describes")
+    p.add_argument("--objective", choices=OBJECTIVES, default="sft",
+                   help="sft, or a preference objective: its strength and learning rate come with their reasons")
     p.add_argument("-o", "--output", help="write the run file here (default: print it)")
     p.set_defaults(func=cmd_recommend)
 

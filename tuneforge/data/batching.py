@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tuneforge.data.preference_tokens import TokenizedPair
+from tuneforge.data.preference_tokens import TokenizedPair, TokenizedUnpaired
 from tuneforge.data.tokenize import TokenizedExample
 
 
@@ -107,6 +107,12 @@ class Batch:
     sequence_of: torch.Tensor | None = None  # [N]
     reference: torch.Tensor | None = None  # [n, 2]
     nll_scale: float = 0.0  # ORPO: step pairs / step NLL tokens, set by the loop before the forward
+    # KTO (collate_unpaired): which answers are desirable [n]; the step's KL estimate, set by the loop before the
+    # forward; the prompts with their KL completions, the batch KTO's KL pass runs (kl_pass marks it).
+    desirable: torch.Tensor | None = None
+    kl: float = 0.0
+    kl_batch: "Batch | None" = None
+    kl_pass: bool = False
 
     @property
     def num_targets(self) -> int:
@@ -142,6 +148,10 @@ class Batch:
             move(self.sequence_of),
             move(self.reference),
             self.nll_scale,
+            move(self.desirable),
+            self.kl,
+            self.kl_batch,  # moved when its pass runs
+            self.kl_pass,
         )
 
 
@@ -246,3 +256,14 @@ def collate_pairs(pairs: list[TokenizedPair], share_prompt: bool = True, prompt_
         reference=torch.tensor(reference, dtype=torch.float32),
     )
 
+
+
+def collate_unpaired(examples: list[TokenizedUnpaired]) -> Batch:
+    """KTO's micro-batch: each prompt with its answer in one packed row, and beside it (`kl_batch`) each prompt with its
+    KL completion, for the no-gradient pass that estimates the KL term before the step's losses."""
+    reference = torch.tensor([ex.reference or (0.0, 0.0) for ex in examples], dtype=torch.float32)
+    batch = collate_pairs([ex.as_pair() for ex in examples])
+    batch.reference, batch.desirable = reference, torch.tensor([ex.desirable for ex in examples])
+    batch.kl_batch = collate_pairs([ex.as_pair(kl=True) for ex in examples])
+    batch.kl_batch.reference, batch.kl_batch.kl_pass = reference, True
+    return batch

@@ -10,7 +10,7 @@ import numpy as np
 
 from tuneforge.config import DataSettings, DataSource, data_sources
 from tuneforge.data.formats import Example, load_examples, load_examples_and_problems
-from tuneforge.data.preference_tokens import TokenizedPair, tokenize_pairs
+from tuneforge.data.preference_tokens import TokenizedPair, TokenizedUnpaired, tokenize_pairs, tokenize_unpaired
 from tuneforge.data.tokenize import TokenizedExample, TokenizeReport, ensure_chat_template, tokenize_all
 from tuneforge.errors import DataError
 
@@ -20,8 +20,8 @@ SKIPPED_SHOWN = 20  # skipped rows logged with their reason (all are counted and
 
 @dataclass
 class PreparedData:
-    train: list[TokenizedExample] | list[TokenizedPair]
-    val: list[TokenizedExample] | list[TokenizedPair]
+    train: list[TokenizedExample] | list[TokenizedPair] | list[TokenizedUnpaired]
+    val: list[TokenizedExample] | list[TokenizedPair] | list[TokenizedUnpaired]
     train_report: TokenizeReport
     val_report: TokenizeReport | None
     val_rows: list[Example] = dataclasses.field(default_factory=list)  # untokenized: generation metrics need them
@@ -86,10 +86,16 @@ def _check_rows_fit(examples: list[Example], objective: str) -> None:
             raise DataError(f"{first.source}: this file holds {kind} preference rows, and objective is 'sft'; set "
                             "objective: dpo (or ipo, simpo, orpo) to learn from the pairs, or keep only the chosen "
                             "answers for supervised training with `tuneforge data convert FILE --to chat -o OUT`")
+    elif objective == "kto":
+        if not first.is_preference:
+            raise DataError(f"{first.source}: objective 'kto' learns from answers marked desirable or not "
+                            "({prompt, completion, label} rows, or pairs: chosen desirable, rejected not), and this "
+                            "file holds supervised rows")
     elif first.rejected is None:
         kind = "unpaired rows (prompt, completion, label: KTO's form)" if first.is_preference else "supervised rows"
         raise DataError(f"{first.source}: objective {objective!r} learns from pairs ({{prompt, chosen, rejected}} or "
-                        f"{{chosen, rejected}} conversations), and this file holds {kind}")
+                        f"{{chosen, rejected}} conversations), and this file holds {kind}"
+                        + ("; objective kto learns from them" if first.is_preference else ""))
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -104,13 +110,16 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
 
 
 def tokenize_data(
-    data: DataSettings, tokenizer, train_rows: list[Example], val_rows: list[Example]
+    data: DataSettings, tokenizer, train_rows: list[Example], val_rows: list[Example], objective: str = "sft"
 ) -> PreparedData:
-    """Supervised rows become `TokenizedExample`s, preference pairs `TokenizedPair`s (one prompt, two answers)."""
+    """Supervised rows become `TokenizedExample`s, preference pairs `TokenizedPair`s (one prompt, two answers), and
+    KTO's rows `TokenizedUnpaired`s (one answer, desirable or not)."""
     ensure_chat_template(tokenizer)
     pairs = bool(train_rows) and train_rows[0].rejected is not None
 
     def tokenize(rows: list[Example], on_prompt: bool):
+        if objective == "kto":
+            return tokenize_unpaired(tokenizer, rows, data.max_length, data.overlong)
         if pairs:
             return tokenize_pairs(tokenizer, rows, data.max_length, data.overlong)
         return tokenize_all(tokenizer, rows, data.max_length, data.overlong, on_prompt)

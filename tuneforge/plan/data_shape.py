@@ -42,19 +42,18 @@ class DataShape:
                 f"{self.tokenizer_note}")
 
 
-def measure_data(data: DataSettings, model: str, seed: int = 42, trust_remote_code: bool = False) -> DataShape:
-    """Token lengths of the training split of `data` as `tuneforge train` would tokenize it for `model`."""
-    from tuneforge.data.prepare import read_raw
-    from tuneforge.data.tokenize import ensure_chat_template, tokenize_all
+def measure_data(data: DataSettings, model: str, seed: int = 42, trust_remote_code: bool = False,
+                 objective: str = "sft") -> DataShape:
+    """Token lengths of the training split of `data` as `tuneforge train` would tokenize it for `model`. A preference
+    pair counts as what it costs in a packed row: its prompt once and both answers."""
+    from tuneforge.data.prepare import read_raw, tokenize_data
     from tuneforge.model.load import load_tokenizer
 
-    train_rows, _ = read_raw(data, seed)
+    train_rows, _ = read_raw(data, seed, objective)
     tokenizer_name, note = _tokenizer_for(model)
-    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code)
-    ensure_chat_template(tokenizer)
-    kept, report = tokenize_all(tokenizer, train_rows, data.max_length, data.overlong, data.train_on_prompt)
-    return DataShape(tuple(len(ex.input_ids) for ex in kept), tuple(ex.num_targets for ex in kept), report.dropped,
-                     note)
+    prepared = tokenize_data(data, load_tokenizer(tokenizer_name, trust_remote_code), train_rows, [], objective)
+    return DataShape(tuple(ex.packed_length for ex in prepared.train), tuple(ex.num_targets for ex in prepared.train),
+                     prepared.train_report.dropped, note)
 
 
 def _tokenizer_for(model: str) -> tuple[str, str]:

@@ -92,7 +92,7 @@ def config_for(model: str | None = None, method: str | None = None, r: int | Non
 def data_shape_of(cfg: RunConfig) -> DataShape | None:
     if cfg.data.train is None:
         return None
-    return measure_data(cfg.data, cfg.model, cfg.train.seed, cfg.trust_remote_code)
+    return measure_data(cfg.data, cfg.model, cfg.train.seed, cfg.trust_remote_code, cfg.objective)
 
 
 # --------------------------------------------------------------------------------------------------------------------

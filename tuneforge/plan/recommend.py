@@ -37,6 +37,26 @@ LR_BY_METHOD = {
     "lora": (2e-4, "LoRA's update starts at zero and is scaled by alpha/r: 1e-4..3e-4 is the usual range"),
     "qlora": (2e-4, "QLoRA trains LoRA adapters: the same 2e-4 as LoRA (QLoRA paper, 7B-13B models)"),
 }
+# Preference objectives (`recommend --objective`): the objective's strength and a rate far below supervised tuning's,
+# because they start from a model that already answers well and only shift probability between two answers.
+PREFERENCE_STRENGTH = {
+    "dpo": ("dpo.beta", 0.1, "the DPO paper's and TRL's beta: the policy may move as far from the reference as a "
+                             "reward scale of 0.1 allows; raise it (0.3-0.5) for noisy pairs"),
+    "ipo": ("ipo.beta", 0.1, "IPO's tau as TRL sets it: a target log-ratio margin of 1 / (2 x 0.1) = 5 per token"),
+    "simpo": ("simpo.beta", 2.0, "the SimPO paper's range is 2.0-2.5, for a reward that is a mean per token"),
+    "orpo": ("orpo.weight", 0.1, "the ORPO paper's lambda: the odds-ratio term at a tenth of the NLL"),
+}
+PREFERENCE_LR = {
+    "full": (5e-7, "preference tuning of every weight: 5e-7 (Zephyr-7B-beta's DPO rate); supervised rates undo "
+                   "what the model already does well"),
+    "lora": (5e-6, "preference tuning with LoRA: 10x the full-weight rate, the same LoRA-to-full ratio as supervised "
+                   "tuning"),
+    "qlora": (5e-6, "QLoRA trains LoRA adapters: the same rate as LoRA"),
+}
+ORPO_LR = {"full": (8e-6, "ORPO replaces the supervised stage (it starts from a base model): 8e-6, the ORPO paper's "
+                          "rate for full-weight tuning"),
+           "lora": (8e-5, "ORPO with LoRA: 10x the full-weight rate, the LoRA-to-full ratio of supervised tuning"),
+           "qlora": (8e-5, "QLoRA trains LoRA adapters: the same rate as LoRA")}
 EPOCHS_BY_SIZE = [
     (1_000, 5, "fewer than 1,000 examples: more passes are needed to learn the pattern (watch val loss)"),
     (10_000, 3, "1,000-10,000 examples: 3 epochs is the usual balance of learning and overfitting"),
@@ -77,8 +97,9 @@ def _lookup(table, n: int):
 
 def recommend(model: str, num_examples: int, gpu_mem_gib: float, domain_shift: str = DEFAULT_DOMAIN_SHIFT,
               shape: DataShape | None = None, data_path: str | None = None, seq_len: int | None = None,
-              device: str = "cuda") -> Recommendation:
-    """Walk the decision tree for `num_examples` examples (token lengths from `shape` when given)."""
+              device: str = "cuda", objective: str = "sft") -> Recommendation:
+    """Walk the decision tree for `num_examples` examples (token lengths from `shape` when given; for a preference
+    objective, pairs: a pair's length is its prompt once and both answers, as it trains)."""
     if domain_shift not in DOMAIN_SHIFTS:
         raise UserError(f"--domain-shift: got {domain_shift!r}, allowed: {', '.join(DOMAIN_SHIFTS)}")
     if num_examples < 1:
@@ -130,7 +151,14 @@ def recommend(model: str, num_examples: int, gpu_mem_gib: float, domain_shift: s
     if data_path is not None:
         choices.append(Choice("data.train", data_path, "the data file these numbers were computed from"))
     choices.append(Choice("data.max_length", max_length, length_why))
-    lr, lr_why = LR_BY_METHOD[method]
+    if objective != "sft":
+        choices.insert(1, Choice("objective", objective, "you asked for preference tuning on pairs"))
+        key, value, why = PREFERENCE_STRENGTH[objective]
+        choices.append(Choice(key, value, why))
+        if objective == "simpo":
+            choices.append(Choice("simpo.gamma", 1.0, "the SimPO paper's gamma / beta of 0.5: a target margin of 1"))
+    lr, lr_why = LR_BY_METHOD[method] if objective == "sft" else (ORPO_LR if objective == "orpo" else
+                                                                  PREFERENCE_LR)[method]
     choices.append(Choice("train.lr", lr, lr_why))
     epochs, epochs_why = _lookup(EPOCHS_BY_SIZE, num_examples)
     choices.append(Choice("train.epochs", epochs, epochs_why))
@@ -144,7 +172,8 @@ def recommend(model: str, num_examples: int, gpu_mem_gib: float, domain_shift: s
                               "without it not even a micro-batch of 1 fits; costs ~30% speed, saves most "
                               "activation memory"))
     summary = [
-        f"{num_examples:,} examples, domain shift {domain_shift!r}, {gpu_mem_gib:g} GiB on {device}: "
+        f"{num_examples:,} {'examples' if objective == 'sft' else 'pairs'}, domain shift {domain_shift!r}, "
+        f"{gpu_mem_gib:g} GiB on {device}: {'' if objective == 'sft' else objective + ', '}"
         f"{method}{'' if method == 'full' else f' r={r}'}, micro-batch {batch} x accumulation {accum}"
         f"{', gradient checkpointing' if ckpt else ''}; estimated peak {est.peak / GIB:.1f} GiB",
     ]

@@ -36,7 +36,8 @@ import yaml
 
 from tuneforge import run_dir as layout
 from tuneforge.config import RunConfig, data_sources, resume_differences, validate_for_training
-from tuneforge.data.batching import Batch, StepPlan, collate, collate_pairs, epoch_steps, steps_in_epochs
+from tuneforge.data.batching import (Batch, StepPlan, collate, collate_pairs, collate_unpaired, epoch_steps,
+                                     steps_in_epochs)
 from tuneforge.data.fingerprint import changed_data_files, data_file_hashes
 from tuneforge.data.formats import Example
 from tuneforge.data.mixing import describe, epoch_pool, plan_shares
@@ -54,7 +55,7 @@ from tuneforge.train.optim import build_optimizer, lr_at, set_lr
 from tuneforge.train.run_log import RunLog, plot_losses
 from tuneforge.train.selection import Evaluation, judge
 from tuneforge.train.signals import StopRequests
-from tuneforge.train.preference import PreferenceLossSum, attach_reference, objective_of, stats_record
+from tuneforge.train.preference import PreferenceLossSum, attach_reference, objective_of, set_kl, stats_record
 from tuneforge.train.validate import validation_by_source, validation_pairs
 from tuneforge.version import __version__
 
@@ -183,7 +184,7 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights everywhere
 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = tokenize_data(cfg.data, tokenizer, train_rows, val_rows)
+    data = tokenize_data(cfg.data, tokenizer, train_rows, val_rows, cfg.objective)
     if world.is_main:
         log.info("data: %s", data.summary())
     guard = cfg.train.guard.source
@@ -195,14 +196,17 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     t = cfg.train
     autocast_dtype = torch.bfloat16 if _use_bf16(t.dtype, device) else None
     model = _prepare_model(cfg, device, world)
+    reference_s = None
     if cfg.objective == "sft":
         loss, collate_fn = AnswerTokenLossSum(model), partial(collate, packing=cfg.data.packing,
                                                               pad_id=tokenizer.pad_token_id)
     else:
         objective = objective_of(cfg)
         if objective.uses_reference:  # the model as it starts, before any checkpoint's weights go in
-            attach_reference(cfg, run_dir, model, data.train, data.val, device, world, autocast_dtype)
-        loss, collate_fn = PreferenceLossSum(model, objective), partial(collate_pairs, prompt_targets=objective.nll)
+            reference_s = attach_reference(cfg, run_dir, model, data.train, data.val, device, world, autocast_dtype)
+        loss = PreferenceLossSum(model, objective)
+        collate_fn = collate_unpaired if cfg.objective == "kto" else partial(collate_pairs,
+                                                                             prompt_targets=objective.nll)
     loaded = None
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from)
@@ -240,7 +244,8 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                  "train_examples": len(data.train), "val_examples": len(data.val), "device": device,
                  "method": cfg.method, "objective": cfg.objective, "processes": world.size,
                  "distributed": world.mode,
-                 **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {})})
+                 **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {}),
+                 **({"reference_pass_s": round(reference_s, 3)} if reference_s else {})})
     return Run(cfg, run_dir, world, device, autocast_dtype, tokenizer, data, model, loss_module, collate_fn, optimizer,
                [p for p in model.parameters() if p.requires_grad], lengths, step_plan, pool_of, total_steps,
                config_text, resume_from, run_log, state, best_weights, first_step=state.step)
@@ -366,6 +371,8 @@ def optimizer_step(run: Run, micro_batches: list[list[int]], stop: StopRequests)
     passes = distributed.share_count(world, len(micro_batches))
     # A rank left without micro-batches in a short last step still runs a pass (weighted 0).
     filler = batches[0] if batches else run.collate_fn([run.data.train[i] for i in micro_batches[0]])
+    if run.cfg.objective == "kto":  # its KL term: one estimate over the whole step, before any of its losses
+        set_kl(run.loss_module, batches, passes, world, run.device, run.autocast_dtype, filler)
     stats: list[torch.Tensor] = []
     step_loss = accumulate_gradients(run.loss_module, batches, run.device, run.autocast_dtype, step_targets, passes,
                                      world, filler, stats)
@@ -378,7 +385,7 @@ def optimizer_step(run: Run, micro_batches: list[list[int]], stop: StopRequests)
                                                                            *stat_sums])
     result = StepResult(step_loss, grad_norm, lr, sum(b.num_tokens for b in batches) * world.size, step_targets,
                         0.0, stop_votes > 0,  # tokens: this rank's, scaled to the world
-                        stats_record(stat_sums) if stat_sums else None)
+                        stats_record(stat_sums, kto=run.cfg.objective == "kto") if stat_sums else None)
     if result.finite:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -482,7 +489,8 @@ def evaluate(run: Run) -> Evaluation:
     else:
         overall, sums = validation_pairs(run.loss_module, run.data.val, t.batch_size, run.collate_fn, run.device,
                                          run.autocast_dtype, run.world)
-        by_source, record = {}, {"step": state.step, "val_loss": overall, **stats_record(sums, "val_")}
+        by_source = {}
+        record = {"step": state.step, "val_loss": overall, **stats_record(sums, "val_", run.cfg.objective == "kto")}
         shown = f", reward accuracy {record['val_reward_accuracy']:.3f}, margin {record['val_reward_margin']:.4f}"
         score = -record["val_reward_accuracy"] if t.early_stopping_metric == "reward_accuracy" else overall
     if t.eval_metric:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from tuneforge import run_dir as layout
 from tuneforge.config import REFERENCE_FREE, RunConfig
 from tuneforge.data.batching import Batch, collate_pairs
-from tuneforge.data.preference_tokens import TokenizedPair
+from tuneforge.data.preference_tokens import TokenizedPair, TokenizedUnpaired
 from tuneforge.train import distributed
 from tuneforge.train.forward import target_hidden
 from tuneforge.train.loss import target_logprobs
@@ -45,8 +46,8 @@ from tuneforge.train.loss import target_logprobs
 log = logging.getLogger("tuneforge")
 
 # What a micro-batch's statistics tensor holds (sums over its pairs; the loop adds them over a step or a validation).
-STATS = ("pairs", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
-         "logps_rejected", "accuracy_length_normalised")
+STATS = ("pairs", "desirable", "undesirable", "rewards_chosen", "rewards_rejected", "reward_accuracy", "logps_chosen",
+         "logps_rejected", "accuracy_length_normalised", "kl")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Objective:
     label_smoothing: float = 0.0
     gamma: float = 0.0
     uses_reference: bool = True
+    desirable_weight: float = 1.0  # KTO
+    undesirable_weight: float = 1.0
 
     @property
     def per_token(self) -> bool:
@@ -77,6 +80,9 @@ def objective_of(cfg: RunConfig) -> Objective:
         return Objective(name, cfg.ipo.beta, uses_reference=cfg.preference.reference == "auto")
     if name == "simpo":
         return Objective(name, cfg.simpo.beta, gamma=cfg.simpo.gamma, uses_reference=False)
+    if name == "kto":
+        return Objective(name, cfg.kto.beta, uses_reference=cfg.preference.reference == "auto",
+                         desirable_weight=cfg.kto.desirable_weight, undesirable_weight=cfg.kto.undesirable_weight)
     assert name == "orpo" and name in REFERENCE_FREE, name
     return Objective(name, cfg.orpo.weight, uses_reference=False)
 
@@ -111,6 +117,18 @@ def pair_losses(objective: Objective, logps: torch.Tensor, counts: torch.Tensor,
     return losses, beta * ratios[:, 0].detach(), beta * ratios[:, 1].detach()
 
 
+def kto_losses(objective: Objective, logps: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor,
+               kl: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTOTrainer's "kto" loss per example [n] and its reward [n]: a desirable answer's loss is
+    1 - sigmoid(beta (log-ratio - KL)), an undesirable one's 1 - sigmoid(beta (KL - log-ratio)), each weighted;
+    `kl`: the step's estimate of KL(policy || reference), clamped at 0 and held constant (no gradient)."""
+    ratios = logps - reference.to(logps.dtype)
+    beta = objective.beta
+    losses = torch.where(desirable, objective.desirable_weight * (1 - torch.sigmoid(beta * (ratios - kl))),
+                         objective.undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratios))))
+    return losses, beta * ratios.detach()
+
+
 def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """([n, 2] summed log-probabilities of each pair's chosen and rejected answer tokens, [n, 2] their counts, the
     per-token log-probabilities [N] of every target, prompt targets (ORPO) included)."""
@@ -137,6 +155,8 @@ class PreferenceLossSum(torch.nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logps, counts, token_logps = sequence_logps(self.model, batch)
+        if self.objective.name == "kto":
+            return self._kto(batch, logps[:, 0])
         losses, chosen_rewards, rejected_rewards = pair_losses(self.objective, logps, counts, batch.reference)
         loss = losses.sum()
         if self.objective.nll:
@@ -144,21 +164,68 @@ class PreferenceLossSum(torch.nn.Module):
             loss = loss - (token_logps * chosen_side).sum() * batch.nll_scale
         return loss, pair_statistics(logps, counts, chosen_rewards, rejected_rewards)
 
+    def _kto(self, batch: Batch, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.kl_pass:  # the KL estimate's part: sum of log-ratios of the mismatched completions, and how many
+            return (logps.detach() - batch.reference[:, 1]).sum(), torch.tensor([float(len(logps))])
+        losses, rewards = kto_losses(self.objective, logps, batch.reference[:, 0], batch.desirable, batch.kl)
+        good, bad = batch.desirable, ~batch.desirable
+        values = [float(len(logps)), good.sum(), bad.sum(), rewards[good].sum(), rewards[bad].sum(),
+                  ((rewards > 0) == good).sum(), logps.detach()[good].sum(), logps.detach()[bad].sum(), 0.0,
+                  batch.kl * len(logps)]
+        return losses.sum(), torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+
 
 def pair_statistics(logps, counts, chosen_rewards, rejected_rewards) -> torch.Tensor:
     """The STATS sums of a micro-batch (reward accuracy: chosen rewarded above rejected; per token: the chosen answer's
     mean log-probability above the rejected one's, which a length bias cannot fake)."""
     mean = logps.detach() / counts.clamp(min=1)
-    values = [float(len(logps)), chosen_rewards.sum(), rejected_rewards.sum(),
-              (chosen_rewards > rejected_rewards).sum(), (chosen_rewards - rejected_rewards).sum(),
-              logps[:, 0].detach().sum(), logps[:, 1].detach().sum(), (mean[:, 0] > mean[:, 1]).sum()]
+    n = float(len(logps))
+    values = [n, n, n, chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum(),
+              logps[:, 0].detach().sum(), logps[:, 1].detach().sum(), (mean[:, 0] > mean[:, 1]).sum(), 0.0]
     return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
 
 
-def stats_record(sums: list[float], prefix: str = "") -> dict[str, float]:
-    """Means of summed STATS: what the metrics line shows."""
-    pairs = max(sums[0], 1.0)
-    return {f"{prefix}{name}": value / pairs for name, value in zip(STATS[1:], sums[1:])}
+def stats_record(sums: list[float], prefix: str = "", kto: bool = False) -> dict[str, float]:
+    """Means of summed STATS: what the metrics line shows. KTO's rewards and log-probabilities are means over its
+    desirable (chosen) and undesirable (rejected) answers; its reward accuracy counts a desirable answer rewarded
+    above 0 and an undesirable one below; it logs its KL estimate instead of the length-normalised accuracy."""
+    total = dict(zip(STATS, sums))
+    pairs, good, bad = (max(total[k], 1.0) for k in ("pairs", "desirable", "undesirable"))
+    record = {"rewards_chosen": total["rewards_chosen"] / good, "rewards_rejected": total["rewards_rejected"] / bad,
+              "reward_accuracy": total["reward_accuracy"] / pairs, "logps_chosen": total["logps_chosen"] / good,
+              "logps_rejected": total["logps_rejected"] / bad}
+    record["reward_margin"] = record["rewards_chosen"] - record["rewards_rejected"]
+    if kto:
+        record["kl"] = total["kl"] / pairs
+    else:
+        record["accuracy_length_normalised"] = total["accuracy_length_normalised"] / pairs
+    return {f"{prefix}{name}": value for name, value in record.items()}
+
+
+@torch.no_grad()
+def set_kl(loss_module, batches: list[Batch], passes: int, world: distributed.World, device: str,
+           autocast_dtype=None, filler: Batch | None = None) -> float:
+    """KTO: the KL estimate of a step (or a validation) from all of its micro-batches on every rank, mean over its
+    examples of log pi(y'|x) - log pi_ref(y'|x) for mismatched completions y', clamped at 0 as TRL does, set on
+    every batch before the losses. One estimate per step, so splitting it into micro-batches or ranks changes
+    nothing. Every rank runs `passes` forwards (FSDP's collectives line up; a rank short of batches repeats one)."""
+    total, count = 0.0, 0.0
+    was_training = loss_module.training
+    loss_module.eval()
+    for i in range(passes):
+        own = i < len(batches)
+        kl_batch = (batches[i] if own else filler or batches[0]).kl_batch.to(device)
+        with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            kl_sum, n = loss_module(kl_batch)
+        if own:
+            total, count = total + float(kl_sum), count + float(n[0])
+    loss_module.train(was_training)
+    total, count = distributed.all_reduce_sum(world, [total, count])
+    kl = max(total / max(count, 1.0), 0.0)
+    for batch in batches:
+        batch.kl = kl
+    return kl
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,12 +233,15 @@ def stats_record(sums: list[float], prefix: str = "") -> dict[str, float]:
 
 
 def attach_reference(cfg: RunConfig, run_dir: Path, model: torch.nn.Module, train: list[TokenizedPair],
-                     val: list[TokenizedPair], device: str, world: distributed.World, autocast_dtype) -> None:
+                     val: list[TokenizedPair], device: str, world: distributed.World, autocast_dtype) -> float:
     """Every pair's reference log-probabilities in `pair.reference`: read from the run directory when they were
-    computed for these pairs and this base, else computed now with the model as it starts and stored there."""
+    computed for these pairs and this base, else computed now with the model as it starts and stored there.
+    Returns the seconds the reference pass took (0 when read back)."""
     fingerprint = _fingerprint(cfg, train, val)
     stored = layout.read_reference(run_dir)
-    if stored is None or stored.get("fingerprint") != fingerprint:
+    started = time.perf_counter()
+    computed = stored is None or stored.get("fingerprint") != fingerprint
+    if computed:
         stored = {"fingerprint": fingerprint,
                   "train": compute_reference(model, train, cfg.train.batch_size, device, world, autocast_dtype),
                   "val": compute_reference(model, val, cfg.train.batch_size, device, world, autocast_dtype)}
@@ -183,7 +253,8 @@ def attach_reference(cfg: RunConfig, run_dir: Path, model: torch.nn.Module, trai
         log.info("reference log-probabilities read from %s", layout.reference_path(run_dir))
     for pairs, values in ((train, stored["train"]), (val, stored["val"])):
         for pair, (chosen, rejected) in zip(pairs, values):
-            pair.reference = (chosen, rejected)
+            pair.reference = (chosen, rejected)  # KTO: (its answer, its KL completion)
+    return time.perf_counter() - started if computed else 0.0
 
 
 @torch.no_grad()
@@ -191,6 +262,9 @@ def compute_reference(model: torch.nn.Module, pairs: list[TokenizedPair], batch_
                       world: distributed.World, autocast_dtype=None) -> list[list[float]]:
     """[[chosen, rejected], ...] summed log-probabilities of the answer tokens under the model with its adapter (if
     any) switched off, in eval mode (no dropout). Each rank computes its share of the batches; the sums are added."""
+    if pairs and isinstance(pairs[0], TokenizedUnpaired):  # KTO: its answer and its KL completion, as two sides
+        pairs = [TokenizedPair(p.prompt_ids, p.completion_ids, p.completion_target, p.kl_ids, p.kl_target, p.source)
+                 for p in pairs]
     batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
     values = torch.zeros(len(pairs), 2, dtype=torch.float64)
     was_training = model.training
@@ -212,6 +286,6 @@ def _fingerprint(cfg: RunConfig, train: list[TokenizedPair], val: list[Tokenized
     """What the stored values depend on: the base model, the method (what "switched off" leaves), the pairs' tokens."""
     digest = hashlib.sha256(json.dumps([cfg.model, cfg.method, cfg.train.dtype]).encode())
     for pair in [*train, *val]:
-        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.chosen_target, pair.rejected_ids,
-                                  pair.rejected_target]).encode())
+        digest.update(json.dumps([getattr(pair, key) for key in pair.__dataclass_fields__
+                                  if key.endswith(("_ids", "_target"))]).encode())
     return digest.hexdigest()

@@ -48,6 +48,12 @@ def validation_pairs(loss_module: torch.nn.Module, pairs: list, batch_size: int,
     nll_tokens = sum(b.num_nll_targets for b in collated)
     for batch in collated:
         batch.nll_scale = len(pairs) / nll_tokens if nll_tokens else 0.0
+    if collated and collated[0].kl_batch is not None:  # KTO: its KL estimate over the whole held-out set first
+        from tuneforge.train.preference import set_kl
+
+        world = world or distributed.World("none")
+        set_kl(loss_module, distributed.my_share(world, collated), distributed.share_count(world, len(collated)),
+               world, device, autocast_dtype, collated[0])
     total, count, stats = _batch_sums(loss_module, collated, device, autocast_dtype, world)
     return total / max(count, 1), stats
 
