@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.train_speed import MODEL, TARGETS, hf_model_and_tokenizer, make_row, run_peer  # noqa: E402
+from bench.train_speed import (MODEL, TARGETS, checked_peers, hf_model_and_tokenizer, make_row,  # noqa: E402
+                               run_peers, write_report)
 
 LR, BATCH, EPOCHS, BETA, SEED, MAX_LEN = 5e-5, 8, 1, 0.1, 42, 512
 PEERS = {"a": "(a) TRL DPOTrainer, precomputed reference", "b": "(b) tuneforge objective=dpo"}
@@ -190,31 +188,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.train, args.run)
-    peers = args.peers.split(",")
-    unknown = [p for p in peers if p not in PEERS]
-    if unknown:
-        raise SystemExit(f"--peers: unknown {', '.join(unknown)} (allowed: {', '.join(PEERS)})")
+    peers = checked_peers(args.peers, PEERS)
     with tempfile.TemporaryDirectory(prefix="tuneforge-bench-") as tmp:
         tmp = Path(tmp)
         train_file, val_file = make_pairs(tmp / "data", args.train_pairs, args.val_pairs)
-        results = {}
-        for peer in peers:
-            print(f"training {PEERS[peer]} ...", flush=True)
-            results[peer] = run_peer(peer, train_file, tmp / peer, script=__file__)
-            print(f"  loop {results[peer]['loop_s']:.1f} s, peak RSS {results[peer]['peak_rss_gib']:.2f} GiB",
-                  flush=True)
+        results = run_peers(peers, PEERS, train_file, tmp, __file__)
         print("evaluating every adapter on the held-out pairs ...", flush=True)
         ev = evaluate(val_file, {p: tmp / p for p in peers})
         tokens = token_counts(train_file)
-    report = table(results, ev, args.train_pairs, tokens)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    header = f"preference_speed {date.today().isoformat()} on {machine}, torch fp32"
-    print(f"\n{header}\n{report}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "preference_speed.md").write_text(f"{header}\n\n{report}\n", encoding="utf-8")
-    (args.out / "preference_speed.json").write_text(json.dumps({"date": date.today().isoformat(), "machine": machine,
-                                                                "results": results, "eval": ev, "tokens": tokens},
-                                                               indent=2))
+    write_report(args.out, "preference_speed", table(results, ev, args.train_pairs, tokens),
+                 {"results": results, "eval": ev, "tokens": tokens})
 
 
 if __name__ == "__main__":

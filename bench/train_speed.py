@@ -327,29 +327,43 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.train, args.run)
 
-    peers = args.peers.split(",")
-    unknown = [p for p in peers if p not in PEERS]
-    if unknown:
-        raise SystemExit(f"--peers: unknown {', '.join(unknown)} (allowed: {', '.join(PEERS)})")
+    peers = checked_peers(args.peers, PEERS)
     with tempfile.TemporaryDirectory(prefix="tuneforge-bench-") as tmp:
         tmp = Path(tmp)
         train_file, val_file = make_data(tmp / "data", args.train_rows, args.val_rows)
-        results = {}
-        for peer in peers:
-            print(f"training {PEERS[peer]} ...", flush=True)
-            results[peer] = run_peer(peer, train_file, tmp / peer)
-            print(f"  loop {results[peer]['loop_s']:.1f} s, peak RSS {results[peer]['peak_rss_gib']:.2f} GiB",
-                  flush=True)
+        results = run_peers(peers, PEERS, train_file, tmp, __file__)
         print("evaluating every adapter on the held-out rows ...", flush=True)
         ev = evaluate(train_file, val_file, {p: tmp / p for p in peers})
-    report = table(results, ev, args.train_rows)
+    write_report(args.out, "train_speed", table(results, ev, args.train_rows), {"results": results, "eval": ev})
+
+
+def checked_peers(text: str, known: dict[str, str]) -> list[str]:
+    peers = text.split(",")
+    unknown = [p for p in peers if p not in known]
+    if unknown:
+        raise SystemExit(f"--peers: unknown {', '.join(unknown)} (allowed: {', '.join(known)})")
+    return peers
+
+
+def run_peers(peers: list[str], labels: dict[str, str], train_file: Path, tmp: Path, script: str) -> dict:
+    """Each peer in turn, alone, in its own process (`script --worker`)."""
+    results = {}
+    for peer in peers:
+        print(f"training {labels[peer]} ...", flush=True)
+        results[peer] = run_peer(peer, train_file, tmp / peer, script=script)
+        print(f"  loop {results[peer]['loop_s']:.1f} s, peak RSS {results[peer]['peak_rss_gib']:.2f} GiB", flush=True)
+    return results
+
+
+def write_report(out: Path, name: str, report: str, raw: dict) -> None:
+    """The table with date and machine on stdout and in out/NAME.md; the raw figures in out/NAME.json."""
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    header = f"train_speed {date.today().isoformat()} on {machine}, torch fp32"
+    header = f"{name} {date.today().isoformat()} on {machine}, torch fp32"
     print(f"\n{header}\n{report}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_speed.md").write_text(f"{header}\n\n{report}\n", encoding="utf-8")
-    (args.out / "train_speed.json").write_text(json.dumps({"date": date.today().isoformat(), "machine": machine,
-                                                           "results": results, "eval": ev}, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(f"{header}\n\n{report}\n", encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps({"date": date.today().isoformat(), "machine": machine, **raw},
+                                                 indent=2))
 
 
 if __name__ == "__main__":

@@ -117,10 +117,14 @@ def meta_text(meta: dict) -> str:
 
 def write_reference(run: Path, stored: dict) -> None:
     """reference_logps.json: {"fingerprint": what they were computed for, "train"/"val": [[chosen, rejected], ...]}."""
-    path = reference_path(run)
+    _write_json(reference_path(run), stored)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """One JSON line, replaced atomically; a failed write is a one-line OutputWriteError naming the file."""
     try:
         with atomic_text_writer(path) as fh:
-            fh.write(json.dumps(stored) + "\n")
+            fh.write(json.dumps(value) + "\n")
     except OSError as exc:
         raise OutputWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -142,11 +146,7 @@ def write_status(run: Path, state: str, new_attempt: bool = False, **fields) -> 
     now = round(time.time(), 3)
     status = {**previous, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
               "started": previous.get("started", now), "updated": now, "error": None, **fields}
-    try:
-        with atomic_text_writer(path) as fh:
-            fh.write(json.dumps(status) + "\n")
-    except OSError as exc:
-        raise OutputWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    _write_json(path, status)
 
 
 def read_status(run: Path) -> dict | None:

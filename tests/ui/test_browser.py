@@ -197,3 +197,29 @@ def test_playground_answers_from_base_and_tuned_side_by_side(page, ui_url, runs_
     assert all(expected) and [s.strip() for s in shown] == expected
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "playground.png"), full_page=True)
+
+
+def test_run_page_plots_a_preference_runs_rewards_and_reward_accuracy(page, ui_url, runs_root, tiny_model_dir):
+    """A real DPO run of the tiny random Llama: the run page adds a rewards chart (chosen, rejected, margin) and a
+    reward accuracy chart (train every step, validation dots), one point per logged value; a supervised run's page
+    has neither."""
+    from tuneforge.config import load_config
+    from tuneforge.train.loop import train
+
+    pairs = write_jsonl(runs_root.parent / "pairs.jsonl", [
+        {"prompt": f"Add {i} and {i}.", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 3}, probably."}
+        for i in range(24)])
+    train(load_config(None, [f"model={tiny_model_dir}", "objective=dpo", f"data.train={pairs}", "data.val_split=0.25",
+                             f"output_dir={runs_root / 'dpo'}", "train.epochs=2", "train.batch_size=6",
+                             "train.eval_every=2", "train.save_every=0"]), show_progress=False)
+    records = read_metrics(runs_root / "dpo")
+    steps = len([r for r in records if "reward_accuracy" in r])
+    validations = len([r for r in records if "val_reward_accuracy" in r])
+    assert steps == 6 and validations == 3
+    page.goto(ui_url + "/run?run=dpo")
+    page.locator('svg.chart[data-title="reward accuracy"]').wait_for(timeout=WAIT_MS)
+    assert points(page, "reward accuracy") == steps + validations
+    assert points(page, "rewards") == 3 * steps + validations
+    page.goto(ui_url + "/run?run=tuned")
+    page.locator('svg.chart[data-title="loss"]').wait_for(timeout=WAIT_MS)
+    assert page.locator('svg.chart[data-title="rewards"]').count() == 0

@@ -9,7 +9,6 @@ with each family's sliding window shorter than the rows and Gemma's softcaps on.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
@@ -352,3 +351,27 @@ def test_kto_trains_on_unpaired_rows_and_on_pairs(tiny_model_dir, tmp_path):
         assert len(steps) == 12 and len(read_reference(out)["train"]) == count
         assert all("kl" in r and r["kl"] >= 0 for r in steps) and any(r["kl"] > 0 for r in steps)
         assert steps[-1]["reward_margin"] > 0.05 and steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_recommend_and_estimate_plan_a_preference_run(pairs_file, tmp_path):
+    """`recommend --objective dpo` writes the objective, its beta and a preference learning rate, each with its
+    reason, in a run file `train` accepts; `estimate` of a DPO run counts each pair as it packs (prompt once, both
+    answers), the lengths `tuneforge train` itself plans with."""
+    from tuneforge.config import load_config
+    from tuneforge.data.prepare import tokenize_data
+    from tuneforge.model.load import load_tokenizer
+    from tuneforge.plan.data_shape import measure_data
+
+    out = tmp_path / "dpo.yaml"
+    result = run_cli("recommend", "--data", str(pairs_file), "--gpu-mem", "24", "--objective", "dpo", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "objective: dpo  # " in text and "dpo:\n  beta: 0.1  # the DPO paper's" in text
+    cfg = load_config(out)
+    assert cfg.objective == "dpo" and cfg.train.lr == 5e-6 and cfg.method == "lora"
+    shape = measure_data(cfg.data, cfg.model, objective="dpo")
+    rows, _ = read_raw(cfg.data, 42, "dpo")
+    pairs = tokenize_data(cfg.data, load_tokenizer(cfg.model), rows, []).train
+    assert shape.lengths == tuple(p.prompt_ids.__len__() + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    estimate = run_cli("estimate", str(out))
+    assert estimate.returncode == 0 and "peak" in estimate.stdout, estimate.stderr

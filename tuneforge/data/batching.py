@@ -167,6 +167,11 @@ def collate_packed(examples: list[TokenizedExample]) -> Batch:
                 predict_at.append(offset + i - 1)
                 targets.append(ex.input_ids[i])
         bounds.append(len(ids))
+    return _packed_row(ids, positions, bounds, predict_at, targets)
+
+
+def _packed_row(ids, positions, bounds, predict_at, targets, **extra) -> Batch:
+    """One padding-free row [1, T] from its lists; `extra`: a preference batch's fields."""
     return Batch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.tensor([positions], dtype=torch.long),
@@ -175,6 +180,7 @@ def collate_packed(examples: list[TokenizedExample]) -> Batch:
         predict_at=torch.tensor(predict_at, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         num_tokens=len(ids),
+        **extra,
     )
 
 
@@ -243,18 +249,10 @@ def collate_pairs(pairs: list[TokenizedPair], share_prompt: bool = True, prompt_
         groups.append((start, start + p, start + p + len(pair.chosen_ids), len(ids)))
         bounds.append(len(ids))
     reference = [pair.reference or (0.0, 0.0) for pair in pairs]
-    return Batch(
-        input_ids=torch.tensor([ids], dtype=torch.long),
-        position_ids=torch.tensor([positions], dtype=torch.long),
-        attention_mask=None,
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        predict_at=torch.tensor(predict_at, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        num_tokens=len(ids),
-        pairs=torch.tensor(groups, dtype=torch.int64) if share_prompt else None,
-        sequence_of=torch.tensor(sequence_of, dtype=torch.long),
-        reference=torch.tensor(reference, dtype=torch.float32),
-    )
+    return _packed_row(ids, positions, bounds, predict_at, targets,
+                       pairs=torch.tensor(groups, dtype=torch.int64) if share_prompt else None,
+                       sequence_of=torch.tensor(sequence_of, dtype=torch.long),
+                       reference=torch.tensor(reference, dtype=torch.float32))
 
 
 

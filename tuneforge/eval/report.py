@@ -38,13 +38,14 @@ def _fmt(value: float | None) -> str:
 def score_table(results: list[ModelEval]) -> str:
     """One line per metric: each model's score and, with a baseline, tuned - base and which is better."""
     metrics = list(dict.fromkeys(m for r in results for m in r.scores))
-    header = f"{'metric':<28}" + "".join(f"{r.label:>14}" for r in results)
+    width = max([28] + [len(m) + 2 for m in metrics])
+    header = f"{'metric':<{width}}" + "".join(f"{r.label:>14}" for r in results)
     if len(results) == 2:
         header += f"{'delta':>14}  better"
     lines = [header, "-" * len(header)]
     for metric in metrics:
         values = [r.scores.get(metric) for r in results]
-        line = f"{metric:<28}" + "".join(f"{_fmt(v):>14}" for v in values)
+        line = f"{metric:<{width}}" + "".join(f"{_fmt(v):>14}" for v in values)
         if len(results) == 2 and None not in values:
             line += f"{_fmt(values[0] - values[1]):>14}  {better(metric, values[0], values[1])}"
         lines.append(line)

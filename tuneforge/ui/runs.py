@@ -24,7 +24,10 @@ from tuneforge.ui.confine import run_name
 REMOTE_STALE_S = 300
 # Deep enough for runs/<group>/<run>; run directories themselves are not searched (checkpoints, reviews live there).
 MAX_DEPTH = 3
-SERIES = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
+SERIES = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s",
+          # preference runs (DPO and kin): step and validation rewards, margin and reward accuracy
+          "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "val_reward_accuracy",
+          "val_reward_margin")
 # The settings the runs table shows, as dotted config keys; a method's own keys only for that method.
 KEY_SETTINGS = ("train.lr", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum",
                 "data.max_length")
@@ -137,7 +140,8 @@ def run_summary(runs_root: Path, run: Path) -> dict:
 
 
 def run_curves(run: Path) -> dict[str, list[list[float]]]:
-    """{"loss": [[step, value], ...], "val_loss": ..., "lr", "grad_norm", "tokens_per_s"}: what the charts plot."""
+    """{"loss": [[step, value], ...], "val_loss": ..., "lr", "grad_norm", "tokens_per_s", and a preference run's
+    rewards and reward accuracy}: what the charts plot."""
     curves: dict[str, list[list[float]]] = {name: [] for name in SERIES}
     for record in read_metrics(run):
         if record.get("skipped_step") or "step" not in record:

@@ -16,6 +16,18 @@ async function drawCurves() {
   lineChart(document.getElementById("chart-lr"), "learning rate", [{ name: "lr", points: curves.lr }]);
   lineChart(document.getElementById("chart-grad"), "grad norm", [{ name: "grad norm", points: curves.grad_norm }]);
   lineChart(document.getElementById("chart-speed"), "tokens/s", [{ name: "tokens/s", points: curves.tokens_per_s }]);
+  // A preference run (objective dpo, ipo, simpo, orpo, kto) also logs rewards; a supervised one shows no such charts.
+  const rewards = document.getElementById("chart-rewards"), accuracy = document.getElementById("chart-reward-accuracy");
+  if (curves.reward_accuracy.length) {
+    lineChart(rewards, "rewards", [{ name: "chosen", points: curves.rewards_chosen },
+      { name: "rejected", points: curves.rewards_rejected }, { name: "margin", points: curves.reward_margin },
+      { name: "val margin", points: curves.val_reward_margin, dots: true }]);
+    lineChart(accuracy, "reward accuracy", [{ name: "train", points: curves.reward_accuracy },
+      { name: "val", points: curves.val_reward_accuracy, dots: true }]);
+  } else {
+    rewards.replaceChildren();
+    accuracy.replaceChildren();
+  }
   const facts = document.getElementById("facts");
   const progress = status.total_steps ? ` step ${status.step} of ${status.total_steps}` : ` step ${status.step}`;
   facts.replaceChildren(statusBadge(status), progress, status.detail ? ` — ${status.detail}` : "");
