@@ -141,3 +141,68 @@ def test_merge_cli_refuses_non_runs_and_existing_outputs(tiny_model_dir, tmp_pat
     result = run_cli("merge", str(run), "-o", str(tmp_path / "merged"), "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def base_stopping_at_1(tiny_model_dir, tmp_path) -> Path:
+    import shutil
+
+    from transformers import GenerationConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    config = GenerationConfig.from_pretrained(base)
+    config.eos_token_id = 1
+    config.save_pretrained(base)
+    return base
+
+
+def test_full_fine_tuning_saves_the_end_of_turn_id(tiny_model_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    from tests.conftest import write_jsonl
+    from tuneforge.config import load_config
+    from tuneforge.train.loop import train
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": f"Say {i}.", "output": str(i)} for i in range(4)])
+    run = train(load_config(None, [f"model={base_stopping_at_1(tiny_model_dir, tmp_path)}", "method=full",
+                                   f"data.train={data}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1"]),
+                show_progress=False).run_dir
+    assert GenerationConfig.from_pretrained(run).eos_token_id == [1, 2]
+
+
+def test_merge_keeps_the_end_of_turn_id_for_every_runtime(tiny_model_dir, tmp_path):
+    """A base whose generation_config names only its own end-of-text id (1 here, as Llama 3's names
+    <|end_of_text|>) while training ended every answer with the tokenizer's end of turn (<|im_end|>, id 2): the
+    merged model's generation_config stops at both (transformers, vLLM), and its GGUF names 2 as end of turn."""
+    from gguf import GGUFReader
+    from transformers import GenerationConfig
+
+    from tuneforge.deploy.gguf_export import export_gguf
+    from tuneforge.deploy.merge import merge_run
+
+    base = base_stopping_at_1(tiny_model_dir, tmp_path)
+    out = merge_run(make_lora_run(base, tmp_path / "run"), tmp_path / "merged")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [1, 2]
+    gguf_file = export_gguf(str(out), tmp_path / "m.gguf", "f32")
+    field = GGUFReader(gguf_file).fields["tokenizer.ggml.eot_token_id"]
+    assert int(field.parts[field.data[0]][0]) == 2
+
+
+def test_merge_to_float16_refuses_weights_it_would_write_as_inf(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    from tuneforge.deploy.merge import merge_run
+    from tuneforge.errors import UserError
+
+    out = merge_run(make_lora_run(tiny_model_dir, tmp_path / "run"), tmp_path / "merged", dtype="float16")
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float16}
+        assert all(torch.isfinite(fh.get_tensor(k)).all() for k in fh.keys())
+    big = make_lora_run(tiny_model_dir, tmp_path / "big")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(big / "adapter_model.safetensors")
+    save_file({k: v * 1e6 if "lora_B" in k else v for k, v in weights.items()}, big / "adapter_model.safetensors")
+    with pytest.raises(UserError, match=r"--dtype float16: .*proj.weight reaches \|.*\|, beyond float16's 65504"):
+        merge_run(big, tmp_path / "big-merged", dtype="float16")
+    assert not (tmp_path / "big-merged").exists()

@@ -332,6 +332,8 @@ def _add_tokenizer(writer, gguf, tokenizer, tokenizer_dir: Path, vocab_size: int
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
     writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
+    if tokenizer.eos_token_id is not None:  # the end of turn every trained answer ends with: llama.cpp stops there
+        writer.add_eot_token_id(tokenizer.eos_token_id)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -15,6 +15,7 @@ import torch
 from tuneforge.errors import UserError
 from tuneforge.method_registry import MERGEABLE_METHODS, find_method
 from tuneforge.model.load import load_model, load_tokenizer
+from tuneforge.model.stop_ids import keep_end_of_turn
 from tuneforge.run_dir import META_FILE, read_meta
 
 log = logging.getLogger("tuneforge")
@@ -72,15 +73,33 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") 
     check_mergeable(run_dir, meta)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"-o {out_dir}: already exists and is not an empty directory; choose a new path")
-    model = merged_model(run_dir, meta).to(DTYPES[dtype])
+    model = merged_model(run_dir, meta)
+    if dtype == "float16":
+        refuse_float16_overflow(model)
+    model = model.to(DTYPES[dtype])
     tokenizer = load_tokenizer(str(run_dir))
     if getattr(model.generation_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    keep_end_of_turn(model.generation_config, tokenizer)
     merged_meta = {"base_model": meta["base_model"], "method": "full", "merged_from": str(run_dir),
                    "merged_method": meta["method"], "dtype": dtype}
     save_output(model, tokenizer, out_dir, merged_meta)
     log.info("merged %s (%s) into %s -> %s", run_dir, meta["method"], meta["base_model"], out_dir)
     return out_dir
+
+
+FLOAT16_MAX = 65504.0
+
+
+@torch.no_grad()
+def refuse_float16_overflow(model: torch.nn.Module) -> None:
+    """A weight beyond float16's range would become inf in the file, silently: refused, naming it."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.numel():
+            peak = tensor.abs().max().item()
+            if peak > FLOAT16_MAX:
+                raise UserError(f"--dtype float16: {name} reaches |{peak:.4g}|, beyond float16's {FLOAT16_MAX:g} (it "
+                                "would be written as inf); use --dtype bfloat16 or float32")
 
 
 @torch.no_grad()

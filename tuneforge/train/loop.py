@@ -46,7 +46,9 @@ from tuneforge.errors import ConfigError, DataError, OutputWriteError, Preempted
 from tuneforge.model.attention import attention_paths, use_packed_attention, use_standard_attention
 from tuneforge.model.families import family_line
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
+from tuneforge.method_registry import saves_whole_model
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
+from tuneforge.model.stop_ids import keep_end_of_turn
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
 from tuneforge.train.experiment_trackers import check_available, start_trackers
@@ -550,6 +552,8 @@ def finish(run: Run) -> TrainResult:
         state.val_loss = state.best_val
     if run.cfg.data.packing:
         use_standard_attention(model)  # what is saved must generate with ordinary attention
+    if saves_whole_model(run.cfg.method):  # a full model's generation config: stop at the trained end of turn
+        keep_end_of_turn(causal_lm_of(model).generation_config, run.tokenizer)
     meta = {"base_model": run.cfg.model, "method": run.cfg.method, "objective": run.cfg.objective,
             "tuneforge_version": __version__,
             "steps": state.step, "val_loss": state.val_loss, "train_loss": _json_float(state.last_loss)}
