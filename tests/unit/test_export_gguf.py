@@ -305,12 +305,12 @@ def test_other_llama_family_architectures(tiny_model_dir, tokenizer, tmp_path, m
     from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config,
                               Qwen2Config, Qwen3Config)
 
-    from tuneforge.deploy import gguf_export
+    from tuneforge.deploy import gguf_export, merge
     from tuneforge.model.load import load_model, load_tokenizer
 
     # No Qwen tokenizer is available offline, and transformers would re-read ours as a Qwen2Tokenizer (another
     # pre-tokenizer) beside a qwen2 config: export the architecture with the SmolLM2 tokenizer as it is.
-    monkeypatch.setattr(gguf_export, "load_tokenizer", lambda source: tokenizer)
+    monkeypatch.setattr(merge, "load_tokenizer", lambda source: tokenizer)
 
     values = tiny_llama_config(len(tokenizer)).to_dict()
     values["initializer_range"] = 0.2

@@ -20,13 +20,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tuneforge.deploy.gguf_export import export_gguf
+    if args.format == "gguf":
+        from tuneforge.deploy.gguf_export import export_gguf
 
-    if args.format != "gguf":
-        raise UserError(f"--format: got {args.format!r}, allowed: gguf")
-    out = export_gguf(args.source, args.output, args.quant, force=args.force)
-    print(f"exported {args.source} -> {out} ({args.quant}, {out.stat().st_size / 1e6:.1f} MB)")
+        _refuse_options(args, "gguf", bits=None, group_size=None, calibration=None, samples=None, dtype=None)
+        quant = args.quant or "f16"
+        out = export_gguf(args.source, args.output, quant, force=args.force)
+        print(f"exported {args.source} -> {out} ({quant}, {out.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    from tuneforge.deploy.compressed_export import export_compressed
+
+    _refuse_options(args, args.format, quant=None)
+    out = export_compressed(args.source, args.output, args.format, bits=args.bits or 4, group_size=args.group_size,
+                            calibration=args.calibration, samples=args.samples or 128,
+                            dtype=args.dtype or "bfloat16", force=args.force)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    print(f"exported {args.source} -> {out}/ ({args.format}, {args.bits or 4}-bit, {size:.1f} MB)")
     return 0
+
+
+def _refuse_options(args: argparse.Namespace, fmt: str, **unset) -> None:
+    """An option of another format is refused, not ignored: `--quant q4_k_m --format gptq` is a mistake."""
+    for name, default in unset.items():
+        if getattr(args, name) != default:
+            raise UserError(f"--{name.replace('_', '-')}: not an option of --format {fmt}")
 
 
 def parse_adapter(spec: str) -> tuple[str, str]:
@@ -74,14 +91,24 @@ def add_parsers(sub) -> None:
                    help="weight precision of the merged model (default float32)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write a run or model as a GGUF file for llama.cpp, Ollama, LM Studio")
+    p = sub.add_parser("export", help="write a run or model as GGUF (llama.cpp, Ollama, LM Studio) or as 4-bit "
+                                      "GPTQ/AWQ (vLLM, transformers)")
     p.add_argument("source", help="run directory, model directory or alias")
-    p.add_argument("--format", default="gguf", help="output format (gguf)")
+    p.add_argument("--format", choices=["gguf", "gptq", "awq"], default="gguf",
+                   help="gguf: one file for llama.cpp; gptq/awq: a compressed-tensors model directory (default gguf)")
     p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0"],
-                   default="f16", help="weight type (default f16); the K-quants and mixes are llama.cpp's own, "
-                                       "written here (nothing to compile)")
-    p.add_argument("-o", "--output", required=True, help="output file, ending in .gguf")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
+                   help="gguf: weight type (default f16); the K-quants and mixes are llama.cpp's own, written here "
+                        "(nothing to compile)")
+    p.add_argument("--bits", type=int, help="gptq/awq: weight bits, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, help="gptq/awq: values per scale; must divide every layer's input "
+                                                  "(default: the largest of 128, 64, 32 that does)")
+    p.add_argument("--calibration", help="gptq/awq: rows to calibrate on, in any format tuneforge train reads "
+                                         "(default: the run's training rows)")
+    p.add_argument("--samples", type=int, help="gptq/awq: calibration rows used (default 128)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="gptq/awq: precision of what stays unquantized: embeddings, norms, head (default bfloat16)")
+    p.add_argument("-o", "--output", required=True, help="gguf: output file ending in .gguf; gptq/awq: new directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many LoRA adapters")

@@ -24,10 +24,8 @@ import numpy as np
 import torch
 
 from tuneforge.deploy import kquants
+from tuneforge.deploy.merge import load_source_model
 from tuneforge.errors import UserError
-from tuneforge.method_registry import saves_whole_model
-from tuneforge.model.load import load_tokenizer
-from tuneforge.run_dir import read_meta
 
 log = logging.getLogger("tuneforge")
 
@@ -74,7 +72,7 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
         raise UserError(f"-o {out_file}: already exists; choose a new name or pass --force to replace it")
     if not out_file.parent.is_dir():
         raise UserError(f"-o {out_file}: directory {out_file.parent} does not exist")
-    model, tokenizer, name = _load_source(source)
+    model, tokenizer, name = load_source_model(source)
     config = model.config
     arch_key = config.model_type
     if arch_key not in ARCHITECTURES:
@@ -117,22 +115,6 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
             os.unlink(tmp_name)
     log.info("wrote %s (%s, %s, %.1f MB)", out_file, gguf.MODEL_ARCH_NAMES[arch], quant, out_file.stat().st_size / 1e6)
     return out_file
-
-
-def _load_source(source: str):
-    """(fp32 model, tokenizer, display name): a LoRA-type run is merged in memory; anything else loads as is."""
-    from tuneforge.model.load import load_model
-
-    path = Path(source)
-    meta = read_meta(path) if path.is_dir() else None
-    if meta is not None and not saves_whole_model(meta.get("method")):
-        from tuneforge.deploy.merge import merged_model
-
-        return merged_model(path, meta), load_tokenizer(source), path.resolve().name
-    model = load_model(source, dtype=torch.float32)
-    model.eval()
-    name = path.resolve().name if path.exists() else source
-    return model, load_tokenizer(source), name
 
 
 def _file_type(gguf, quant: str) -> int:

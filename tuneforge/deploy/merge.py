@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import UserError
-from tuneforge.method_registry import MERGEABLE_METHODS, find_method
+from tuneforge.method_registry import MERGEABLE_METHODS, find_method, saves_whole_model
 from tuneforge.model.load import load_model, load_tokenizer
 from tuneforge.model.stop_ids import keep_end_of_turn
 from tuneforge.run_dir import META_FILE, read_meta
@@ -60,6 +60,19 @@ def merged_model(run_dir: Path, meta: dict | None = None) -> torch.nn.Module:
     model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/Inf weights instead of writing them
     model.eval()
     return model
+
+
+def load_source_model(source: str):
+    """(fp32 model in eval mode, tokenizer, display name) of what an export starts from: a LoRA-type run merged in
+    memory, anything else (full fine-tuning run, model directory, alias) loaded as it is."""
+    path = Path(source)
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is not None and not saves_whole_model(meta.get("method")):
+        return merged_model(path, meta), load_tokenizer(source), path.resolve().name
+    model = load_model(source, dtype=torch.float32)
+    model.eval()
+    name = path.resolve().name if path.exists() else source
+    return model, load_tokenizer(source), name
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
