@@ -11,6 +11,9 @@ TORCH := torch==2.13.0
 NODE_LLAMA_CPP := node-llama-cpp@3.21.1 @node-llama-cpp/linux-x64@3.21.1
 NODE_LLAMA_CPP_DIR := $(VENV)/node-llama-cpp
 CHROMIUM := /usr/bin/chromium
+# Go runs Ollama's template language (text/template) in tests/unit/test_ollama.py; ollama itself has no package here.
+GO := /usr/bin/go
+DEBIAN_TOOLS := chromium golang-go
 LLM_COMPRESSOR := llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru
 
 .PHONY: install test-tools demo preference-demo test clean
@@ -28,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $(LLM_COMPRESSOR)
 	touch $(STAMP)
 
-# What the tests run besides Python: llama.cpp (node-llama-cpp) and Debian's chromium for the UI browser tests.
+# What the tests run besides Python: llama.cpp (node-llama-cpp), Debian's chromium for the UI browser tests and Go.
 # Installed here, never by a test: a test that cannot find them fails and says to run `make test-tools`.
 test-tools: $(TEST_TOOLS)
 
@@ -36,9 +39,9 @@ $(TEST_TOOLS): $(STAMP) Makefile
 	command -v node >/dev/null || { echo "make test needs Node.js and npm for llama.cpp (apt-get install nodejs npm)"; exit 1; }
 	test -f $(NODE_LLAMA_CPP_DIR)/node_modules/node-llama-cpp/dist/index.js || \
 		npm install --silent --no-audit --no-fund --omit=optional --prefix $(NODE_LLAMA_CPP_DIR) $(NODE_LLAMA_CPP)
-	test -x $(CHROMIUM) || { test "$$(id -u)" = 0 || { echo "make test needs Debian's chromium: sudo apt-get install chromium"; exit 1; }; \
-		export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
-		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }
+	{ test -x $(CHROMIUM) && test -x $(GO); } || { test "$$(id -u)" = 0 || { echo "make test needs Debian's $(DEBIAN_TOOLS): sudo apt-get install $(DEBIAN_TOOLS)"; exit 1; }; \
+		export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq --no-install-recommends $(DEBIAN_TOOLS) >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DEBIAN_TOOLS) >/dev/null; }; }
 	touch $(TEST_TOOLS)
 
 demo: $(STAMP)

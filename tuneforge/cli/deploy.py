@@ -25,12 +25,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         _refuse_options(args, "gguf", bits=None, group_size=None, calibration=None, samples=None, dtype=None)
         quant = args.quant or "f16"
-        out = export_gguf(args.source, args.output, quant, force=args.force)
+        out = export_gguf(args.source, args.output, quant, force=args.force, ollama=args.ollama)
         print(f"exported {args.source} -> {out} ({quant}, {out.stat().st_size / 1e6:.1f} MB)")
         return 0
     from tuneforge.deploy.compressed_export import export_compressed
 
-    _refuse_options(args, args.format, quant=None)
+    _refuse_options(args, args.format, quant=None, ollama=False)
     out = export_compressed(args.source, args.output, args.format, bits=args.bits or 4, group_size=args.group_size,
                             calibration=args.calibration, samples=args.samples or 128,
                             dtype=args.dtype or "bfloat16", force=args.force)
@@ -99,6 +99,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0"],
                    help="gguf: weight type (default f16); the K-quants and mixes are llama.cpp's own, written here "
                         "(nothing to compile)")
+    p.add_argument("--ollama", action="store_true", help="gguf: also write a Modelfile beside it (FROM, TEMPLATE "
+                                                         "translated from the chat template, stop tokens, num_ctx)")
     p.add_argument("--bits", type=int, help="gptq/awq: weight bits, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, help="gptq/awq: values per scale; must divide every layer's input "
                                                   "(default: the largest of 128, 64, 32 that does)")

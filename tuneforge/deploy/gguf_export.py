@@ -11,6 +11,7 @@ A LoRA/DoRA/QLoRA run is merged in memory first (see merge.py).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -24,8 +25,10 @@ import numpy as np
 import torch
 
 from tuneforge.deploy import kquants
+from tuneforge.deploy import ollama as ollama_files
 from tuneforge.deploy.merge import load_source_model
 from tuneforge.errors import UserError
+from tuneforge.model.stop_ids import keep_end_of_turn
 
 log = logging.getLogger("tuneforge")
 
@@ -59,8 +62,10 @@ PRE_TOKENIZERS = {
 }
 
 
-def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bool = False) -> Path:
-    """Write `source` (run directory, model directory or alias) as GGUF with `quant` weights to `out_file`."""
+def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bool = False,
+                ollama: bool = False) -> Path:
+    """Write `source` (run directory, model directory or alias) as GGUF with `quant` weights to `out_file`;
+    `ollama`: and an Ollama Modelfile beside it."""
     import gguf
 
     out_file = Path(out_file)
@@ -72,6 +77,8 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
         raise UserError(f"-o {out_file}: already exists; choose a new name or pass --force to replace it")
     if not out_file.parent.is_dir():
         raise UserError(f"-o {out_file}: directory {out_file.parent} does not exist")
+    if ollama:
+        ollama_files.check_modelfile_free(out_file, force)
     model, tokenizer, name = load_source_model(source)
     config = model.config
     arch_key = config.model_type
@@ -87,6 +94,10 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
         log.warning("%s: llama.cpp runs Phi-3 without its sliding window of %d tokens; answers equal the trained "
                     "model's up to that context length", source, window)
 
+    if ollama:  # before the long write: a template Ollama cannot express fails now
+        generation_config = copy.deepcopy(model.generation_config)
+        keep_end_of_turn(generation_config, tokenizer)
+        modelfile = ollama_files.modelfile_text(out_file.name, tokenizer, generation_config, config)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", dir=out_file.parent)
     os.close(handle)
     try:
@@ -114,6 +125,10 @@ def export_gguf(source: str, out_file: str | Path, quant: str = "f16", force: bo
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     log.info("wrote %s (%s, %s, %.1f MB)", out_file, gguf.MODEL_ARCH_NAMES[arch], quant, out_file.stat().st_size / 1e6)
+    if ollama:
+        path = ollama_files.modelfile_path(out_file)
+        path.write_text(modelfile, encoding="utf-8")
+        log.info("wrote %s: ollama create NAME -f %s", path, path)
     return out_file
 
 
