@@ -57,6 +57,10 @@ class LoraSettings:
     target_modules: Union[str, list[str]] = _f(
         "all-linear", "Modules that get LoRA: 'all-linear' or a list of module names such as [q_proj, v_proj].",
         resume=MUST_MATCH)
+    modules_to_save: list[str] = _f(
+        [], "Modules trained in full beside the adapter and saved with it, e.g. [embed_tokens, lm_head] for a new "
+        "language or chat format; tied input and output embeddings stay one matrix. Merges and exports keep them.",
+        resume=MUST_MATCH)
 
 
 @dataclass
@@ -302,6 +306,10 @@ class RunConfig:
         resume=MAY_CHANGE)
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own Python code. Off for safety.",
         resume=MAY_CHANGE)
+    added_tokens: list[str] = _f(
+        [], "Special tokens added to the tokenizer (format or tool-call markers such as <tool_call>); the embeddings "
+        "grow to hold them and their rows train (with lora/dora: PEFT's trainable tokens, saved in the adapter), so "
+        "merges and exports keep them.", resume=MUST_MATCH)
     lora: LoraSettings = field(default_factory=LoraSettings)
     qlora: QloraSettings = field(default_factory=QloraSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
@@ -557,8 +565,27 @@ def check_method_settings(cfg: RunConfig) -> None:
         # Generation calls the model's own forward, outside the FSDP root that gathers the sharded weights.
         raise ConfigError("train.eval_metric: not supported with train.distributed=fsdp yet; use ddp or turn it off")
     check_objective(cfg)
+    check_vocabulary_settings(cfg)
     if cfg.train.distributed == "fsdp" and cfg.train.compile:
         raise ConfigError("train.compile: not supported with train.distributed=fsdp yet; turn one of them off")
+
+
+def check_vocabulary_settings(cfg: RunConfig) -> None:
+    """added_tokens and lora.modules_to_save: with the methods whose saved form holds embedding rows."""
+    tokens = cfg.added_tokens
+    if tokens:
+        bad = next((t for t in tokens if not t or t != t.strip()), None)
+        if bad is not None:
+            raise ConfigError(f"added_tokens: got {bad!r}; a token must be non-empty, without surrounding spaces")
+        repeated = next((t for t in tokens if tokens.count(t) > 1), None)
+        if repeated is not None:
+            raise ConfigError(f"added_tokens: {repeated!r} is listed twice")
+        if cfg.method not in ("lora", "dora", "full"):
+            raise ConfigError(f"added_tokens: not supported with method {cfg.method!r} (its saved form has no "
+                              "embedding rows to train); use lora, dora or full")
+    if cfg.lora.modules_to_save and cfg.method not in ("lora", "dora", "qlora"):
+        raise ConfigError(f"lora.modules_to_save: only with lora, dora or qlora, not method {cfg.method!r} "
+                          "(full fine-tuning trains every module already)")
 
 
 def check_objective(cfg: RunConfig) -> None:

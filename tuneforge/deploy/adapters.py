@@ -86,6 +86,14 @@ def attach(model: torch.nn.Module, name: str, path: Path) -> torch.nn.Module:
     meta = read_meta(path)
     if meta is not None:
         log.info("adapter %s: %s run on %s", name, meta.get("method"), meta.get("base_model"))
+    if (path / "tokenizer_config.json").is_file():
+        from tuneforge.model.load import load_tokenizer
+
+        rows = model.get_input_embeddings().weight.shape[0]
+        grown = len(load_tokenizer(str(path))) - rows
+        if grown > 0:  # a shared base cannot have rows for one adapter only
+            raise UserError(f"adapter {path}: adds {grown} tokens to its base (added_tokens); serve it merged: "
+                            f"tuneforge merge {path} -o DIR, then --model DIR")
     try:
         if isinstance(model, PeftModel):
             model.load_adapter(str(path), adapter_name=name)

@@ -16,6 +16,7 @@ from tuneforge.errors import UserError
 from tuneforge.method_registry import MERGEABLE_METHODS, find_method, saves_whole_model
 from tuneforge.model.load import load_model, load_tokenizer
 from tuneforge.model.stop_ids import keep_end_of_turn
+from tuneforge.model.vocabulary import grow_embeddings
 from tuneforge.run_dir import META_FILE, read_meta
 
 log = logging.getLogger("tuneforge")
@@ -56,6 +57,7 @@ def merged_model(run_dir: Path, meta: dict | None = None) -> torch.nn.Module:
     base = load_model(meta["base_model"], dtype=torch.float32)
     if find_method(meta["method"]).quantized_base:
         use_dequantized_4bit_weights(base, meta["base_model"], run_dir)
+    grow_embeddings(base, load_tokenizer(str(run_dir)), fresh=False)  # added tokens: rows the adapter fills
     model = PeftModel.from_pretrained(base, str(run_dir))
     model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/Inf weights instead of writing them
     model.eval()

@@ -8,21 +8,23 @@ import torch
 
 from tuneforge.config import RunConfig
 from tuneforge.errors import ConfigError
+from tuneforge.model.vocabulary import ties_embeddings, trainable_token_modules
 
 
-def apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, cfg: RunConfig, token_ids: list[int] = ()) -> torch.nn.Module:
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, cfg))
+    return get_peft_model(model, lora_config(model, cfg, token_ids=token_ids))
 
 
-def apply_dora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+def apply_dora(model: torch.nn.Module, cfg: RunConfig, token_ids: list[int] = ()) -> torch.nn.Module:
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, cfg, use_dora=True))
+    return get_peft_model(model, lora_config(model, cfg, use_dora=True, token_ids=token_ids))
 
 
-def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False):
+def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False, token_ids: list[int] = ()):
+    """`token_ids`: rows of added tokens (tuneforge.model.vocabulary), trained and saved beside the adapter."""
     from peft import LoraConfig
 
     from tuneforge.model.families import freeze_beside_language_model
@@ -39,6 +41,16 @@ def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False):
             )
     elif targets != "all-linear":
         targets = [targets]
+    to_save = lora.modules_to_save or None
+    if to_save:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [m for m in to_save if m not in present]
+        if missing:
+            raise ConfigError(f"lora.modules_to_save: {', '.join(missing)} not found in {cfg.model}; "
+                              f"e.g. embed_tokens, lm_head")
+    tokens = trainable_token_modules(model, list(token_ids)) if token_ids else None
+    if tokens and to_save:  # a module trained in full already trains the added rows
+        tokens = {name: ids for name, ids in tokens.items() if name not in to_save} or None
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -48,6 +60,11 @@ def lora_config(model: torch.nn.Module, cfg: RunConfig, use_dora: bool = False):
         bias="none",
         use_dora=use_dora,
         task_type="CAUSAL_LM",
+        modules_to_save=to_save,
+        trainable_token_indices=tokens,
+        # Tied embeddings stay one matrix: trained apart, the merged model would re-tie them and lose one (PEFT
+        # issue #2777, what "my merged model behaves like the base model" often is).
+        ensure_weight_tying=ties_embeddings(model),
     )
 
 

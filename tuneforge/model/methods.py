@@ -62,8 +62,9 @@ def _refuse_run_as_base(name: str) -> None:
                           f"with --resume in its own output_dir, or {other}")
 
 
-def apply_method(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    """Wrap `model` (a freshly loaded base) for `cfg.method` and leave exactly its parameters trainable."""
+def apply_method(model: torch.nn.Module, cfg: RunConfig, token_ids: list[int] = ()) -> torch.nn.Module:
+    """Wrap `model` (a freshly loaded base) for `cfg.method` and leave exactly its parameters trainable.
+    `token_ids`: the added tokens' rows (tuneforge.model.vocabulary), which LoRA-type methods train too."""
     _refuse_wrapped(model, cfg.method)
     wrap = APPLY.get(cfg.method)
     if wrap is None:
@@ -74,7 +75,7 @@ def apply_method(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         # Norms and other small weights to fp32 and everything frozen; gradient checkpointing stays the loop's
         # decision (train.gradient_checkpointing), not a side effect of quantization.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return wrap(model, cfg)
+    return wrap(model, cfg, token_ids) if token_ids and cfg.method in ("lora", "dora") else wrap(model, cfg)
 
 
 def _refuse_wrapped(model: torch.nn.Module, method: str) -> None:

@@ -9,6 +9,7 @@ import torch
 from tuneforge.errors import UserError
 from tuneforge.method_registry import Method, find_method
 from tuneforge.model.load import load_model, load_tokenizer
+from tuneforge.model.vocabulary import grow_embeddings
 from tuneforge.run_dir import META_FILE, read_meta
 
 def load_for_inference(model_or_run: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -34,6 +35,7 @@ def _adapter_on_base(run_dir: str, meta: dict, method: Method, device: str, dtyp
         base = load_quantized_model(meta["base_model"], run_qlora_settings(Path(run_dir)), device)
     else:
         base = load_model(meta["base_model"], dtype=dtype, device=device)
+    grow_embeddings(base, load_tokenizer(run_dir), fresh=False)  # a run's added tokens: rows the adapter fills
     return ADAPTER_LOADERS[method.saved_as](base, run_dir)
 
 

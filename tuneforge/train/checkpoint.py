@@ -234,7 +234,8 @@ def save_output(model: torch.nn.Module, tokenizer, run_dir: Path, meta: dict,
     try:
         staging = Path(tempfile.mkdtemp(prefix=".output-", dir=run_dir))
         # PEFT writes adapter_*; transformers writes model.safetensors + config.
-        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}),
+                              **_embedding_layers_option(model))
         tokenizer.save_pretrained(staging)
         _write_text(staging / layout.META_FILE, layout.meta_text(meta))
         _fsync_tree(staging)
@@ -249,6 +250,20 @@ def save_output(model: torch.nn.Module, tokenizer, run_dir: Path, meta: dict,
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _embedding_layers_option(model: torch.nn.Module) -> dict:
+    """PEFT saves whole embedding matrices into the adapter once the vocabulary grew (added_tokens): hundreds of MB
+    that hold nothing trained, since an added token's rows are saved as trainable tokens and every other row is the
+    base's. Kept where LoRA itself is on an embedding (its update is relative to the rows the base had here)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or not hasattr(config, "target_modules"):
+        return {}
+    targets = config.target_modules
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    if any(name in ("embed_tokens", "lm_head", "wte", "embed_in") for name in targets):
+        return {}
+    return {"save_embedding_layers": False}
 
 
 def _io_reason(exc: Exception) -> str:

@@ -48,6 +48,7 @@ from tuneforge.model.families import family_line
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
 from tuneforge.method_registry import saves_whole_model
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
+from tuneforge.model.vocabulary import add_tokens, grow_embeddings
 from tuneforge.model.stop_ids import keep_end_of_turn
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
@@ -186,6 +187,7 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights everywhere
 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    added_ids = add_tokens(tokenizer, cfg.added_tokens)  # before tokenizing: the data may use them
     data = tokenize_data(cfg.data, tokenizer, train_rows, val_rows, cfg.objective)
     if world.is_main:
         log.info("data: %s", data.summary())
@@ -197,7 +199,7 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
 
     t = cfg.train
     autocast_dtype = torch.bfloat16 if _use_bf16(t.dtype, device) else None
-    model = _prepare_model(cfg, device, world)
+    model = _prepare_model(cfg, device, world, tokenizer, added_ids)
     reference_s = None
     if cfg.objective == "sft":
         loss, collate_fn = AnswerTokenLossSum(model), partial(collate, packing=cfg.data.packing,
@@ -253,10 +255,13 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                config_text, resume_from, run_log, state, best_weights, first_step=state.step)
 
 
-def _prepare_model(cfg: RunConfig, device: str, world: distributed.World) -> torch.nn.Module:
-    """load -> method -> memory and speed options: the model the optimizer will train."""
+def _prepare_model(cfg: RunConfig, device: str, world: distributed.World, tokenizer,
+                   added_ids: list[int]) -> torch.nn.Module:
+    """load -> rows for added tokens -> method -> memory and speed options: the model the optimizer will train."""
     model = load_base_model(cfg, device)  # 4-bit for qlora, float32 otherwise
-    model = apply_method(model, cfg)
+    if added_ids:
+        grow_embeddings(model, tokenizer, fresh=True)
+    model = apply_method(model, cfg, added_ids)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the gradient path
