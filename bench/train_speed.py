@@ -1,25 +1,33 @@
-"""Training speed, side by side: the guide's recipe, HF Trainer done well, TRL SFTTrainer and tuneforge.
+"""Training speed, side by side on two data shapes: the guide's recipe, HF Trainer done well, TRL SFTTrainer and
+tuneforge with each of its speed options.
 
-    .venv/bin/python bench/train_speed.py                 # every peer, then the table (about 15 min on 2 cores)
-    .venv/bin/python bench/train_speed.py --train-rows 16 --peers d,c   # a quick look
+    .venv/bin/python bench/train_speed.py                 # both data sets, every peer, then both tables (~1 h)
+    .venv/bin/python bench/train_speed.py --sets short --peers b,d   # a quick look
 
-One command: it generates a synthetic instruction set with realistic, varied prompt and answer lengths (every row
-under 512 tokens, so no peer truncates), then trains the embedded SmolLM2-135M-Instruct with the same LoRA (r=16,
-alpha=32, dropout 0.05, all 7 projections), the same examples in the same epochs, effective batch 8, learning rate
-2e-4 with cosine decay (no warmup), clipping 1.0, fp32, seed 42:
+One command. It generates two synthetic instruction sets, each row a learnable task:
+  long   64 rows, prompts 70-500 tokens (long-tailed), answers 5-150: padding dominates the padded peers' cost;
+         batch 8, 1 epoch
+  short  256 rows of 60-160 tokens (mean ~97), about two thirds prompt, like Alpaca-style data: little padding to
+         waste; batch 4 x accumulation 4, 1 epoch
+and trains the embedded SmolLM2-135M-Instruct on each with the same LoRA (r=16, alpha=32, dropout 0.05, all 7
+projections), the same examples in the same epochs, learning rate 2e-4 with cosine decay (no warmup), clipping 1.0,
+fp32, seed 42:
 
-  (a) guide    HF Trainer + PEFT, text padded to max_length=512, loss on every non-pad token (the blog recipe)
-  (b) hf-well  HF Trainer + PEFT, dynamic padding per batch, loss on the answer only
-  (c) trl      TRL SFTTrainer, padding-free, completion-only loss, bf16 and gradient checkpointing off (its
-               defaults turn both on, which is many times slower on a CPU without native bf16)
-  (d) tuneforge                 packed padding-free rows, per-example attention, head + loss on answer tokens only
-  (d) tuneforge +compile        the same with train.compile=true
-  (d) tuneforge +grad ckpt      the same with train.gradient_checkpointing=true
+  (a) guide      HF Trainer + PEFT, text padded to max_length (512 long, 256 short), loss on every non-pad token
+  (b) hf-well    HF Trainer + PEFT, dynamic padding per batch, loss on the answer only
+  (c) trl        TRL SFTTrainer, padding-free, completion-only loss, bf16 and gradient checkpointing off (its
+                 defaults turn both on, which is many times slower on a CPU without native bf16)
+  (d) tuneforge  the defaults: packed padding-free rows, per-example attention, head + loss on answer tokens only,
+                 a step's micro-batches laid out in rows sized by memory, fused LoRA projections
+  (d) options    each default turned off, or an option turned on, one at a time (see PEERS)
 
-Each peer trains in its own process (its peak RSS is its own, measured with wait4). Validation loss is measured
-afterwards for every peer by one evaluator: the answer-token mean cross-entropy of the saved adapter on the same
-held-out rows. Model FLOP utilisation of tuneforge is taken against an fp32 matmul peak measured in the same run.
-Timings are only reported, never asserted; run it alone (two PyTorch processes on 2 cores thrash).
+Each peer trains in its own process; its peak RSS is its own (wait4), its whole-process time runs from the
+interpreter's start to its exit (imports, model load and saving included). Validation loss is measured afterwards for
+every peer by one evaluator: the answer-token mean cross-entropy of the saved adapter on the same held-out rows.
+Model FLOP utilisation is taken for every peer against an fp32 matmul peak measured in the same run, on the model
+FLOPs of the data (forward plus activation gradients, the head on answer tokens only), so a peer that computes more
+(padding, the head everywhere) gets no credit for it. Timings are only reported, never asserted; run it alone (two
+PyTorch processes on 2 cores thrash).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -42,15 +51,44 @@ sys.path.insert(0, str(ROOT))
 MODEL = "smollm2-135m-instruct"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # No warmup: HF starts warmup at lr 0 and tuneforge one step in, which would hand one peer an extra step.
-LR, BATCH, EPOCHS, WARMUP, SEED, MAX_LEN = 2e-4, 8, 1, 0.0, 42, 512
+LR, EPOCHS, WARMUP, SEED = 2e-4, 1, 0.0, 42
+BATCH, MAX_LEN = 8, 512  # the long set's (bench/preference_speed.py uses them too)
+TUNEFORGE_OPTIONS = {  # peer -> the overrides it adds to tuneforge's defaults
+    "d": [],
+    "d-planned": ["train.micro_batch_tokens=0"],
+    "d-unfused": ["train.fuse_lora=false"],
+    "d-nodropout": ["lora.dropout=0"],
+    "d-compile": ["train.compile=true"],
+    "d-ckpt": ["train.gradient_checkpointing=true"],
+}
 PEERS = {
-    "a": "(a) HF Trainer+PEFT, pad to 512",
+    "a": "(a) HF Trainer+PEFT, padded to max_length",
     "b": "(b) HF Trainer+PEFT, dynamic pad, answer loss",
     "c": "(c) TRL SFTTrainer, padding-free",
-    "d": "(d) tuneforge",
-    "d-compile": "(d) tuneforge +compile",
-    "d-ckpt": "(d) tuneforge +grad ckpt",
+    "d": "(d) tuneforge (defaults)",
+    "d-planned": "(d) tuneforge, micro_batch_tokens=0 (batch_size rows)",
+    "d-unfused": "(d) tuneforge, fuse_lora=false (PEFT's forward)",
+    "d-nodropout": "(d) tuneforge, lora.dropout=0",
+    "d-compile": "(d) tuneforge, compile=true",
+    "d-ckpt": "(d) tuneforge, gradient_checkpointing=true",
+    "d-jemalloc": "(d) tuneforge, jemalloc (LD_PRELOAD)",
 }
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    train_rows: int
+    val_rows: int
+    batch: int
+    accum: int
+    max_len: int  # the guide's padding length; no row is longer, so no peer truncates
+    min_len: int = 1
+
+
+SETS = {"long": DataSet("long", 64, 24, 8, 1, 512), "short": DataSet("short", 256, 32, 4, 4, 256, min_len=60)}
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data: varied lengths, a learnable task per row
@@ -90,16 +128,37 @@ def make_row(rng: random.Random) -> dict:
     return {"instruction": instruction, "input": passage, "output": output}
 
 
-def make_data(directory: Path, train_rows: int, val_rows: int) -> tuple[Path, Path]:
+def make_short_row(rng: random.Random) -> dict:
+    """A short instruction row (60-160 tokens with the chat template, about two thirds of it prompt)."""
+    task = rng.randrange(4)
+    words = [rng.choice(NOUNS) for _ in range(rng.randint(6, 22))]
+    if task == 0:
+        return {"instruction": "Sort these words alphabetically and join them with commas.",
+                "input": " ".join(words), "output": ", ".join(sorted(words))}
+    if task == 1:
+        owners = [f"{rng.choice(NAMES)} owns a {rng.choice(ADJS)} {rng.choice(NOUNS)}" for _ in range(rng.randint(2, 8))]
+        return {"instruction": "Who owns what? Answer as 'name: thing', one per line.",
+                "input": ". ".join(owners) + ".", "output": "\n".join(f"{o.split()[0]}: {o.split()[-1]}" for o in owners)}
+    if task == 2:
+        return {"instruction": "Write the words in upper case, in reverse order.", "input": " ".join(words),
+                "output": " ".join(w.upper() for w in reversed(words))}
+    pairs = [(rng.choice(ADJS), rng.choice(NOUNS)) for _ in range(rng.randint(2, 10))]
+    return {"instruction": "Give the plural of each noun, keeping its adjective.",
+            "input": "; ".join(f"{a} {n}" for a, n in pairs), "output": "; ".join(f"{a} {n}s" for a, n in pairs)}
+
+
+def make_data(directory: Path, train_rows: int, val_rows: int, data: DataSet = SETS["long"]) -> tuple[Path, Path]:
     from tuneforge.data.formats import normalise_row
     from tuneforge.data.tokenize import tokenize_example
     from tuneforge.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
+    make = make_short_row if data.name == "short" else make_row
     rng, rows = random.Random(SEED), []
     while len(rows) < train_rows + val_rows:
-        row = make_row(rng)
-        if len(tokenize_example(tokenizer, normalise_row(row, "instruction", "bench")).input_ids) <= MAX_LEN:
+        row = make(rng)
+        length = len(tokenize_example(tokenizer, normalise_row(row, "instruction", "bench")).input_ids)
+        if data.min_len <= length <= data.max_len:
             rows.append(row)
     directory.mkdir(parents=True, exist_ok=True)
     paths = directory / "train.jsonl", directory / "val.jsonl"
@@ -133,24 +192,24 @@ def hf_model_and_tokenizer(dropout: float = 0.05):
     return get_peft_model(model, lora), load_tokenizer(MODEL)
 
 
-def hf_args(cls, run_dir: Path, **extra):
-    return cls(output_dir=str(run_dir / "hf"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-               learning_rate=LR, num_train_epochs=EPOCHS, lr_scheduler_type="cosine", warmup_steps=WARMUP,
-               weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-               bf16=False, fp16=False, seed=SEED, data_seed=SEED, dataloader_num_workers=0, disable_tqdm=True,
-               **extra)
+def hf_args(cls, run_dir: Path, data: DataSet = SETS["long"], **extra):
+    return cls(output_dir=str(run_dir / "hf"), per_device_train_batch_size=data.batch,
+               gradient_accumulation_steps=data.accum, learning_rate=LR, num_train_epochs=EPOCHS,
+               lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+               save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=SEED, data_seed=SEED,
+               dataloader_num_workers=0, disable_tqdm=True, **extra)
 
 
-def run_hf(peer: str, train_file: Path, run_dir: Path) -> float:
+def run_hf(peer: str, train_file: Path, run_dir: Path, data: DataSet) -> float:
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     model, tokenizer = hf_model_and_tokenizer()
     rows = read_rows(train_file)
-    if peer == "a":  # the blog recipe: whole rendered chat, padded to 512, labels = every non-pad token
+    if peer == "a":  # the blog recipe: whole rendered chat, padded to max_length, labels = every non-pad token
         texts = [tokenizer.apply_chat_template(messages(r), tokenize=False) for r in rows]
-        data = Dataset.from_dict({"text": texts}).map(
-            lambda b: tokenizer(b["text"], padding="max_length", max_length=MAX_LEN, truncation=True),
+        dataset = Dataset.from_dict({"text": texts}).map(
+            lambda b: tokenizer(b["text"], padding="max_length", max_length=data.max_len, truncation=True),
             batched=True, remove_columns=["text"])
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     else:  # done well: per-batch padding, loss on the answer only
@@ -162,41 +221,42 @@ def run_hf(peer: str, train_file: Path, run_dir: Path) -> float:
             return {"input_ids": ids, "attention_mask": [1] * len(ids),
                     "labels": [-100] * len(p_ids) + ids[len(p_ids):]}
 
-        data = Dataset.from_list([encode(r) for r in rows])
+        dataset = Dataset.from_list([encode(r) for r in rows])
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=hf_args(TrainingArguments, run_dir), train_dataset=data,
+    trainer = Trainer(model=model, args=hf_args(TrainingArguments, run_dir, data), train_dataset=dataset,
                       data_collator=collator)
     result = trainer.train()
     model.save_pretrained(run_dir / "adapter")
     return float(result.metrics["train_runtime"])
 
 
-def run_trl(train_file: Path, run_dir: Path) -> float:
+def run_trl(train_file: Path, run_dir: Path, data: DataSet) -> float:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = hf_model_and_tokenizer()
     rows = read_rows(train_file)
-    data = Dataset.from_list([{"prompt": messages(r)[:1], "completion": messages(r)[1:]} for r in rows])
-    args = hf_args(SFTConfig, run_dir, padding_free=True, max_length=None, completion_only_loss=True, packing=False,
-                   gradient_checkpointing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    dataset = Dataset.from_list([{"prompt": messages(r)[:1], "completion": messages(r)[1:]} for r in rows])
+    args = hf_args(SFTConfig, run_dir, data, padding_free=True, max_length=None, completion_only_loss=True,
+                   packing=False, gradient_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train()
     model.save_pretrained(run_dir / "adapter")
     return float(result.metrics["train_runtime"])
 
 
-def run_tuneforge(peer: str, train_file: Path, run_dir: Path) -> float:
+def run_tuneforge(peer: str, train_file: Path, run_dir: Path, data: DataSet) -> float:
     from tuneforge.cli import quiet_libraries
     from tuneforge.config import load_config
     from tuneforge.train.loop import train
 
     quiet_libraries()
-    extra = {"d": [], "d-compile": ["train.compile=true"], "d-ckpt": ["train.gradient_checkpointing=true"]}[peer]
+    extra = TUNEFORGE_OPTIONS.get(peer, [])
     cfg = load_config(None, [f"model={MODEL}", "method=lora", "lora.r=16", "lora.alpha=32", "lora.dropout=0.05",
                              f"lora.target_modules=[{','.join(TARGETS)}]", f"data.train={train_file}",
-                             "data.val_split=0", f"data.max_length={MAX_LEN}", f"output_dir={run_dir / 'adapter'}",
-                             f"train.epochs={EPOCHS}", f"train.batch_size={BATCH}", f"train.lr={LR}",
+                             "data.val_split=0", f"data.max_length={data.max_len}",
+                             f"output_dir={run_dir / 'adapter'}", f"train.epochs={EPOCHS}",
+                             f"train.batch_size={data.batch}", f"train.grad_accum={data.accum}", f"train.lr={LR}",
                              f"train.warmup_ratio={WARMUP}", "train.scheduler=cosine", f"train.seed={SEED}",
                              "train.save_every=0", "train.dtype=float32", *extra])
     train(cfg, show_progress=False)
@@ -205,16 +265,14 @@ def run_tuneforge(peer: str, train_file: Path, run_dir: Path) -> float:
     return sum(r["step_time_s"] for r in records if "step_time_s" in r)
 
 
-def worker(peer: str, train_file: Path, run_dir: Path) -> None:
-    started = time.perf_counter()
+def worker(peer: str, train_file: Path, run_dir: Path, data: DataSet = SETS["long"]) -> None:
     if peer in ("a", "b"):
-        loop_s = run_hf(peer, train_file, run_dir)
+        loop_s = run_hf(peer, train_file, run_dir, data)
     elif peer == "c":
-        loop_s = run_trl(train_file, run_dir)
+        loop_s = run_trl(train_file, run_dir, data)
     else:
-        loop_s = run_tuneforge(peer, train_file, run_dir)
-    (run_dir / "timing.json").write_text(json.dumps({"loop_s": loop_s,
-                                                     "process_s": time.perf_counter() - started}))
+        loop_s = run_tuneforge(peer, train_file, run_dir, data)
+    (run_dir / "timing.json").write_text(json.dumps({"loop_s": loop_s}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +280,7 @@ def worker(peer: str, train_file: Path, run_dir: Path) -> None:
 
 
 def evaluate(train_file: Path, val_file: Path, run_dirs: dict[str, Path]) -> dict:
-    import torch
+    import torch  # noqa: F401
     from peft import PeftModel
 
     from tuneforge.data.formats import normalise_row
@@ -241,7 +299,6 @@ def evaluate(train_file: Path, val_file: Path, run_dirs: dict[str, Path]) -> dic
     for peer, run_dir in run_dirs.items():
         model = PeftModel.from_pretrained(load_model(MODEL), run_dir / "adapter").eval()
         out["val_loss"][peer] = validation_loss(model, val_ex, 8, False, tokenizer.pad_token_id, "cpu")
-    out["matmul_peak_gflops"] = matmul_peak(torch)
     return out
 
 
@@ -260,81 +317,112 @@ def training_flops(config, lengths: list[int], answer_tokens: int) -> float:
     return 2 * (2 * body * tokens) + attention + 2 * (2 * d * vocab * answer_tokens)
 
 
-def matmul_peak(torch) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
+def matmul_peak() -> float:
+    """GFLOP/s of a 2048x2048 fp32 matmul (best of 10), measured in its own process like every peer."""
+    code = ("import time, torch\n"
+            "a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)\n"
+            "[a @ b for _ in range(3)]\n"
+            "best = float('inf')\n"
+            "for _ in range(10):\n"
+            "    start = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - start)\n"
+            "print(2 * 2048**3 / best / 1e9)\n")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Orchestration and the table
 
 
-def run_peer(peer: str, train_file: Path, run_dir: Path, script: str = __file__) -> dict:
-    """`script --worker PEER` in its own process: its timing.json plus its peak RSS (wait4)."""
+def run_peer(peer: str, train_file: Path, run_dir: Path, script: str = __file__, extra: tuple[str, ...] = ()) -> dict:
+    """`script --worker PEER` in its own process: its training-loop time, its whole-process time (start to exit,
+    imports and model load included) and its peak RSS (wait4)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if peer == "d-jemalloc":
+        env["LD_PRELOAD"] = str(JEMALLOC)
     log = (run_dir / "log.txt").open("w")
+    started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, script, "--worker", peer, "--train", str(train_file),
-                             "--run", str(run_dir)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "--run", str(run_dir), *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
+    process_s = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     log.close()
     if proc.returncode != 0:
         tail = (run_dir / "log.txt").read_text()[-3000:]
         raise SystemExit(f"peer {peer} failed (exit {proc.returncode}); end of its log:\n{tail}")
     timing = json.loads((run_dir / "timing.json").read_text())
-    return {**timing, "peak_rss_gib": usage.ru_maxrss / 2**20}  # ru_maxrss is in KiB on Linux
+    return {**timing, "process_s": process_s, "peak_rss_gib": usage.ru_maxrss / 2**20}  # ru_maxrss: KiB
 
 
-def table(results: dict, ev: dict, rows: int) -> str:
-    d = results.get("d")
-    lines = [f"{rows} training rows x {EPOCHS} epoch, {ev['answer_tokens']:,} answer tokens of {ev['all_tokens']:,}; "
-             f"untuned val loss {ev['val_loss']['untuned']:.4f}",
+BASELINES = ("a", "b", "c")  # the peers tuneforge is measured against
+
+
+def table(results: dict, ev: dict, data: DataSet, peak_gflops: float) -> str:
+    peers = {p: r for p, r in results.items() if p in BASELINES}
+    fastest = min(peers, key=lambda p: peers[p]["process_s"]) if peers else None
+    best_loss = min(ev["val_loss"][p] for p in peers) if peers else None
+    lines = [f"{data.name}: {data.train_rows} training rows x {EPOCHS} epoch, batch {data.batch} x accumulation "
+             f"{data.accum}, {ev['all_tokens']:,} tokens of which {ev['answer_tokens']:,} answer tokens; untuned val "
+             f"loss {ev['val_loss']['untuned']:.4f}",
              "",
-             "| peer | training loop | whole process | answer tok/s | peak RSS | val loss | tuneforge speed-up "
-             "(loop) | tuneforge RSS ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| peer | training loop | whole process | tokens/s (loop) | MFU | peak RSS | val loss | whole process vs "
+             "fastest peer | RSS vs fastest peer |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for peer, r in results.items():
-        speed = f"{r['loop_s'] / d['loop_s']:.2f}x" if d else "-"
-        rss = f"{d['peak_rss_gib'] / r['peak_rss_gib']:.2f}" if d else "-"
+        mfu = ev["flops"] / r["loop_s"] / 1e9 / peak_gflops
+        speed = rss = "-"
+        if fastest and peer not in BASELINES:
+            speed = f"{peers[fastest]['process_s'] / r['process_s']:.2f}x"
+            rss = f"{r['peak_rss_gib'] / peers[fastest]['peak_rss_gib']:.2f}"
         lines.append(f"| {PEERS[peer]} | {r['loop_s']:.0f} s | {r['process_s']:.0f} s | "
-                     f"{ev['answer_tokens'] / r['loop_s']:.1f} | {r['peak_rss_gib']:.2f} GiB | "
+                     f"{ev['all_tokens'] / r['loop_s']:.1f} | {100 * mfu:.0f}% | {r['peak_rss_gib']:.2f} GiB | "
                      f"{ev['val_loss'][peer]:.4f} | {speed} | {rss} |")
-    if d:
-        achieved = ev["flops"] / d["loop_s"] / 1e9
-        lines += ["", f"tuneforge model FLOP utilisation: {achieved:.1f} GFLOP/s of a measured fp32 matmul peak of "
-                      f"{ev['matmul_peak_gflops']:.1f} GFLOP/s = {100 * achieved / ev['matmul_peak_gflops']:.0f}%"]
+    lines.append("")
+    if fastest:
+        lines.append(f"fastest peer (whole process): {PEERS[fastest]}; best peer val loss {best_loss:.4f}. ")
+    lines.append(f"MFU: model FLOPs ({ev['flops'] / 1e12:.2f} TFLOP: forward + activation gradients, head on answer "
+                 f"tokens) / training-loop time / fp32 matmul peak measured in this run ({peak_gflops:.1f} GFLOP/s).")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-rows", type=int, default=64)
-    parser.add_argument("--val-rows", type=int, default=24)
-    parser.add_argument("--peers", default="a,b,c,d,d-compile,d-ckpt")
+    parser.add_argument("--sets", default="short,long", help="data sets: short, long or both")
+    parser.add_argument("--peers", default="a,b,c,d,d-planned,d-unfused,d-nodropout,d-compile,d-ckpt"
+                        + (",d-jemalloc" if JEMALLOC.exists() else ""))
+    parser.add_argument("--train-rows", type=int, help="override the set's row count (a quick look)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--set", help=argparse.SUPPRESS)
     parser.add_argument("--train", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.train, args.run)
+        return worker(args.worker, args.train, args.run, SETS[args.set])
 
     peers = checked_peers(args.peers, PEERS)
-    with tempfile.TemporaryDirectory(prefix="tuneforge-bench-") as tmp:
-        tmp = Path(tmp)
-        train_file, val_file = make_data(tmp / "data", args.train_rows, args.val_rows)
-        results = run_peers(peers, PEERS, train_file, tmp, __file__)
-        print("evaluating every adapter on the held-out rows ...", flush=True)
-        ev = evaluate(train_file, val_file, {p: tmp / p for p in peers})
-    write_report(args.out, "train_speed", table(results, ev, args.train_rows), {"results": results, "eval": ev})
+    names = checked_peers(args.sets, SETS)
+    reports, raw = [], {}
+    peak = matmul_peak()
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    for name in names:
+        data = SETS[name]
+        if args.train_rows:
+            data = DataSet(data.name, args.train_rows, data.val_rows, data.batch, data.accum, data.max_len,
+                           data.min_len)
+        with tempfile.TemporaryDirectory(prefix="tuneforge-bench-") as tmp:
+            tmp = Path(tmp)
+            train_file, val_file = make_data(tmp / "data", data.train_rows, data.val_rows, data)
+            results = run_peers(peers, PEERS, train_file, tmp, __file__, extra=("--set", name))
+            print("evaluating every adapter on the held-out rows ...", flush=True)
+            ev = evaluate(train_file, val_file, {p: tmp / p for p in peers})
+        reports.append(table(results, ev, data, peak))
+        raw[name] = {"results": results, "eval": ev}
+    peak_after = matmul_peak()
+    reports.append(f"(the matmul peak measured again after every peer: {peak_after:.1f} GFLOP/s)")
+    write_report(args.out, "train_speed", "\n\n".join(reports),
+                 {"sets": raw, "matmul_peak_gflops": peak, "matmul_peak_after_gflops": peak_after})
 
 
 def checked_peers(text: str, known: dict[str, str]) -> list[str]:
@@ -345,13 +433,15 @@ def checked_peers(text: str, known: dict[str, str]) -> list[str]:
     return peers
 
 
-def run_peers(peers: list[str], labels: dict[str, str], train_file: Path, tmp: Path, script: str) -> dict:
+def run_peers(peers: list[str], labels: dict[str, str], train_file: Path, tmp: Path, script: str,
+              extra: tuple[str, ...] = ()) -> dict:
     """Each peer in turn, alone, in its own process (`script --worker`)."""
     results = {}
     for peer in peers:
         print(f"training {labels[peer]} ...", flush=True)
-        results[peer] = run_peer(peer, train_file, tmp / peer, script=script)
-        print(f"  loop {results[peer]['loop_s']:.1f} s, peak RSS {results[peer]['peak_rss_gib']:.2f} GiB", flush=True)
+        results[peer] = run_peer(peer, train_file, tmp / peer, script=script, extra=extra)
+        print(f"  loop {results[peer]['loop_s']:.1f} s, process {results[peer]['process_s']:.1f} s, peak RSS "
+              f"{results[peer]['peak_rss_gib']:.2f} GiB", flush=True)
     return results
 
 

@@ -227,11 +227,20 @@ class TrainSettings:
         "0 = off.", min=0, resume=MUST_MATCH)
     grad_accum: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", min=1,
         resume=MUST_MATCH)
+    micro_batch_tokens: Union[int, Literal["auto"]] = _f(
+        "auto", "Packed rows only: lay each step's examples (batch_size x grad_accum per process) out in as few "
+        "micro-batches of at most this many tokens as they fill. The update is the same (the loss is a mean over the "
+        "step's answer tokens however the step is split), the matmuls bigger. 'auto' = the whole step in rows of up "
+        "to 1024 tokens while the memory estimate for one stays within half of the memory available "
+        "(tuneforge/train/micro_batch_size.py); 0 = micro-batches of batch_size examples as planned.", min=0,
+        resume=MAY_CHANGE)
     warmup_ratio: float = _f(0.03, "Fraction of all steps spent warming the learning rate up from 0.", min=0, max=1,
         resume=MAY_CHANGE)
     scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.",
         resume=MAY_CHANGE)
     weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norms).", min=0, resume=MAY_CHANGE)
+    adam_eps: float = _f(1e-8, "AdamW's epsilon: gradients far below it get damped updates instead of full-size ones.",
+        min=0, min_exclusive=True, resume=MAY_CHANGE)
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this; 0 disables clipping.", min=0,
         resume=MAY_CHANGE)
     seed: int = _f(42, "Seed for data order, splits, dropout and initialisation.", resume=MUST_MATCH)
@@ -254,6 +263,10 @@ class TrainSettings:
         "val_loss", "What early stopping (and the best weights kept) follows: validation loss, train.eval_metric, or "
         "(preference objectives) the validation pairs' reward accuracy.", resume=MAY_CHANGE)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).",
+        resume=MAY_CHANGE)
+    fuse_lora: bool = _f(
+        True, "LoRA (not DoRA or QLoRA) without FSDP: projections that read one input (q/k/v, gate/up) run as one "
+        "matmul with one dropout mask per input (tuneforge/model/fused_lora.py); saved adapters are PEFT's either way.",
         resume=MAY_CHANGE)
     compile: bool = _f(False, "torch.compile the decoder (dynamic shapes); see the README for what it gives here.",
         resume=MAY_CHANGE)

@@ -58,7 +58,10 @@ def token_pairs(vocab: int, n: int = 3, seed: int = 0) -> list[TokenizedPair]:
 @pytest.mark.parametrize("objective", [Objective("dpo", 0.5), Objective("orpo", 0.5, uses_reference=False)],
                          ids=["dpo", "orpo"])
 def test_the_shared_prompt_gives_the_unshared_losses_and_gradients(family, objective, tokenizer):
-    model = tiny_model(family, len(tokenizer))
+    # float64: the two layouts run attention as different calls (the shared row per pair, the unshared one in
+    # length buckets), so in float32 their sums round apart by ~1e-6 of gradients as large as 8; in float64 any
+    # difference beyond 1e-5 is a layout bug, not rounding.
+    model = tiny_model(family, len(tokenizer)).double()
     use_packed_attention(model)
     model.train()
     pairs = token_pairs(len(tokenizer))

@@ -102,6 +102,29 @@ def test_packing_changes_nothing_that_is_learned(tiny_model_dir, data_file, tmp_
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
 
 
+def test_micro_batches_sized_by_tokens_give_the_same_steps(tiny_model_dir, data_file, tmp_path):
+    """A step's examples in one packed row, in rows of at most 60 tokens, or in its planned micro-batches: the same
+    step losses and the same trained weights."""
+    from safetensors.torch import load_file
+
+    common = ["data.val_split=0", "lora.dropout=0", "train.grad_accum=3", "train.batch_size=2", "train.lr=1e-3",
+              "train.adam_eps=1e-6"]  # why not 1e-8: see tests/unit/test_distributed.py
+    runs = {budget: train(config(tiny_model_dir, data_file, tmp_path / str(budget), *common,
+                                 f"train.micro_batch_tokens={budget}"), show_progress=False).run_dir
+            for budget in (0, 60, "auto")}
+    records = {budget: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for budget, run in runs.items()}
+    passes = {budget: [r["micro_batches"] for r in recs if "micro_batches" in r] for budget, recs in records.items()}
+    assert set(passes[0]) == {3} and set(passes["auto"]) == {1}  # as planned / the whole step in one row
+    assert max(passes[60]) > 1 and passes[60] != passes[0]  # rows of ~3 examples under 60 tokens: re-split
+    losses = {budget: _step_losses(run) for budget, run in runs.items()}
+    weights = {budget: load_file(run / "adapter_model.safetensors") for budget, run in runs.items()}
+    for budget in (60, "auto"):
+        assert len(losses[budget]) == len(losses[0]) == 16  # 48 rows, 6 a step, 2 epochs
+        assert max(abs(x - y) for x, y in zip(losses[budget], losses[0])) < 1e-5
+        assert max((weights[budget][n] - w).abs().max().item() for n, w in weights[0].items()) < 1e-5
+
+
 @pytest.mark.parametrize("extra", [["train.tokens_per_batch=200"],
                                    ["train.tokens_per_batch=200", "data.packing=false"],
                                    ["data.packing=false"]], ids=["tokens-packed", "tokens-padded", "grouped"])

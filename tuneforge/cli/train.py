@@ -29,10 +29,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tuneforge.plan.estimate import preflight_report
     from tuneforge.train.loop import train
 
-    def preflight(example_lengths: list[int]) -> None:
-        # The planned peak for this data's micro-batches, once it is tokenized and before the model loads: a run
-        # that cannot fit says so now, not after minutes of loading.
-        text, warning = preflight_report(cfg, example_lengths)
+    def preflight(example_lengths: list[int], row_lengths: tuple[int, ...]) -> None:
+        # The planned peak for this data's largest micro-batch, once it is tokenized and before the model loads: a
+        # run that cannot fit says so now, not after minutes of loading.
+        text, warning = preflight_report(cfg, example_lengths, row_lengths)
         print(text, file=sys.stderr, flush=True)
         if warning is not None:
             print(warning, file=sys.stderr, flush=True)

@@ -68,6 +68,16 @@ def steps_in_epochs(lengths: list[int], plan: StepPlan, epochs: int, pool_of=Non
     return sum(len(epoch_steps(lengths, plan, e, pool_of(e) if pool_of else None)) for e in range(epochs))
 
 
+def merge_micro_batches(micro_batches: list[list[int]], lengths: list[int], budget: int) -> list[list[int]]:
+    """The same examples in the same order, in as few packed micro-batches of at most `budget` tokens as they fill
+    (an example longer than the budget gets one of its own); `budget` 0 keeps them as planned. A step's loss is
+    divided by the whole step's target count, so how its examples are split into micro-batches cannot change its
+    gradient; fewer, longer rows make bigger matmuls and fewer passes through the layers."""
+    if budget <= 0:
+        return micro_batches
+    return _fill_token_budget([i for batch in micro_batches for i in batch], lengths, budget, packing=True)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

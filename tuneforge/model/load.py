@@ -8,6 +8,7 @@ is cached the same way, keyed by its path, size and modification time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -74,9 +75,11 @@ def _cached_gguf(gguf_path: Path, cache_name: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    config = _with_what_transformers_skips(AutoConfig.from_pretrained(folder, gguf_file=filename), gguf_path)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, config=config, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        config = _with_what_transformers_skips(AutoConfig.from_pretrained(folder, gguf_file=filename), gguf_path)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, config=config,
+                                                          dtype=torch.float32)
     # A model loaded with gguf_file= refuses save_pretrained; rebuild it from its config without the GGUF
     # quantization_config and move the dequantized weights over.
     if hasattr(config, "quantization_config"):
@@ -100,6 +103,29 @@ def _cached_gguf(gguf_path: Path, cache_name: str) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the whole GGUF file (every tokenizer string and merge: seconds for a 49k vocabulary) once
+    for the tokenizer, once for the config and once for the weights, and we once more for what it skips. Within this
+    block `gguf.GGUFReader` hands out one parsed, read-only reader per file: a conversion takes a quarter of the
+    time."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 # llama.cpp's own rule for the Gemma query scale (llama-model.cpp): 1/sqrt(head size), except the 27B models

@@ -47,7 +47,17 @@ def spec_from_config(cfg: RunConfig, shape: DataShape | None = None, *, device: 
         raise UserError(f"estimate: method {cfg.method!r} is not modelled yet (modelled: {', '.join(METHODS)})")
     device = resolve_device(device or cfg.train.device)
     batch = cfg.train.batch_size
-    if shape is not None and shape.num_examples:
+    if shape is not None and shape.num_examples and engine == "tuneforge" and cfg.data.packing and \
+            cfg.train.micro_batch_tokens != 0:
+        # The loop re-lays each step out in rows of up to train.micro_batch_tokens: the largest such row.
+        from tuneforge.data.batching import StepPlan
+        from tuneforge.train.micro_batch_size import largest_row, micro_batch_tokens
+
+        plan = StepPlan(batch, cfg.train.grad_accum, cfg.train.tokens_per_batch, True, False, cfg.train.seed)
+        budget, _ = micro_batch_tokens(cfg, list(shape.lengths), plan, 1)
+        row = largest_row(list(shape.lengths), plan, 1, budget)
+        lengths, targets = tuple(shape.lengths[i] for i in row), sum(shape.targets[i] for i in row)
+    elif shape is not None and shape.num_examples:
         lengths, targets = shape.largest_micro_batch(batch)
     else:
         lengths, targets = (cfg.data.max_length,) * batch, None
@@ -69,6 +79,7 @@ def spec_from_config(cfg: RunConfig, shape: DataShape | None = None, *, device: 
         compute_dtype=compute_dtype(cfg.train.dtype, device),
         double_quant=bool(getattr(qlora, "double_quant", True)),
         packing=cfg.data.packing,
+        fuse_lora=cfg.train.fuse_lora and cfg.train.distributed != "fsdp",
         device=device,
         trust_remote_code=cfg.trust_remote_code,
     )
@@ -210,15 +221,17 @@ def micro_batch_of(cfg: RunConfig, lengths: Sequence[int] | None = None) -> tupl
     return (longest,) * cfg.train.batch_size
 
 
-def preflight_report(cfg: RunConfig, example_lengths: Sequence[int] | None = None) -> tuple[str, str | None]:
+def preflight_report(cfg: RunConfig, example_lengths: Sequence[int] | None = None,
+                     row_lengths: Sequence[int] | None = None) -> tuple[str, str | None]:
     """What `tuneforge train` prints before it loads the model: one paragraph with the estimated peak by component,
     and a warning line when that peak exceeds the memory available (free GPU memory, or RAM on CPU), else None.
     `example_lengths`: the run's tokenized training examples, so the estimate is for the micro-batches this data
-    forms, not for rows of max_length. Never raises for a model it cannot estimate: training must not fail because
-    planning could not."""
+    forms, not for rows of max_length; `row_lengths`: the examples of the largest micro-batch as the loop lays them
+    out (train.micro_batch_tokens), when it is known. Never raises for a model it cannot estimate: training must not
+    fail because planning could not."""
     if cfg.method not in METHODS:
         return f"memory estimate: not modelled for method {cfg.method!r} (modelled: {', '.join(METHODS)})", None
-    lengths = micro_batch_of(cfg, example_lengths)
+    lengths = tuple(row_lengths) if row_lengths else micro_batch_of(cfg, example_lengths)
     try:
         est = estimate_memory(dataclasses.replace(spec_from_config(cfg), example_lengths=lengths, target_tokens=None))
     except UserError as exc:

@@ -69,6 +69,7 @@ class MemorySpec:
     adapter_dtype: str = "fp32"
     double_quant: bool = True
     packing: bool = True
+    fuse_lora: bool = False  # tuneforge's fused LoRA projections (train.fuse_lora): one dropout copy per input
     device: str = "cpu"  # what the overhead line assumes: "cpu" (RSS) or "cuda"
     trust_remote_code: bool = False
 
@@ -235,7 +236,12 @@ def _with_adapters(model: torch.nn.Module, spec: MemorySpec) -> torch.nn.Module:
         missing = missing_targets(model, targets, exclude)
         if missing:
             raise UserError(f"lora target_modules: {', '.join(missing)} not found in {spec.model}")
-    return get_peft_model(model, _peft_config(spec, exclude), low_cpu_mem_usage=True)
+    wrapped = get_peft_model(model, _peft_config(spec, exclude), low_cpu_mem_usage=True)
+    if spec.fuse_lora and spec.engine == "tuneforge":
+        from tuneforge.model.fused_lora import fuse_lora
+
+        fuse_lora(wrapped)  # what is saved for backward changes with it (fewer dropout copies)
+    return wrapped
 
 
 PROBE_DEPTH = 2  # layer 0 (its input is the embedding output) and one representative of all the others

@@ -105,6 +105,11 @@ def my_share(world: World, items: list) -> list:
     return items[world.rank :: world.size]
 
 
+def shares(world: World, items: list) -> list[list]:
+    """Every rank's items of a global list, by rank (what `my_share` gives each)."""
+    return [items[rank :: world.size] for rank in range(world.size)]
+
+
 def share_count(world: World, total: int) -> int:
     """How many passes every rank makes over a global list of `total` items (the largest share)."""
     return -(-total // world.size)
@@ -116,6 +121,15 @@ def all_reduce_sum(world: World, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_reduce_min(world: World, value: int) -> int:
+    """The smallest of every rank's `value` (a setting each rank measured for itself, agreed on by all)."""
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
 
 
 def barrier(world: World) -> None:

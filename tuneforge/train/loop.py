@@ -37,7 +37,7 @@ import yaml
 from tuneforge import run_dir as layout
 from tuneforge.config import RunConfig, data_sources, resume_differences, validate_for_training
 from tuneforge.data.batching import (Batch, StepPlan, collate, collate_pairs, collate_unpaired, epoch_steps,
-                                     steps_in_epochs)
+                                     merge_micro_batches, steps_in_epochs)
 from tuneforge.data.fingerprint import changed_data_files, data_file_hashes
 from tuneforge.data.formats import Example
 from tuneforge.data.mixing import describe, epoch_pool, plan_shares
@@ -45,6 +45,7 @@ from tuneforge.data.prepare import PreparedData, read_raw, tokenize_data
 from tuneforge.errors import ConfigError, DataError, OutputWriteError, Preempted, TrainingStopped, UserError
 from tuneforge.model.attention import attention_paths, use_packed_attention, use_standard_attention
 from tuneforge.model.families import family_line
+from tuneforge.model.fused_lora import FusedGroup, fuse_lora, unfuse_lora
 from tuneforge.model.load import load_tokenizer, native_bf16, pick_device
 from tuneforge.method_registry import saves_whole_model
 from tuneforge.model.methods import apply_method, load_base_model, parameter_report
@@ -54,6 +55,7 @@ from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
 from tuneforge.train.experiment_trackers import check_available, start_trackers
 from tuneforge.train.forward import AnswerTokenLossSum, causal_lm_of
+from tuneforge.train.micro_batch_size import largest_row, micro_batch_tokens
 from tuneforge.train.optim import build_optimizer, lr_at, set_lr
 from tuneforge.train.run_log import RunLog, plot_losses
 from tuneforge.train.selection import Evaluation, judge
@@ -99,6 +101,7 @@ class Run:
     tokenizer: object
     data: PreparedData
     model: torch.nn.Module  # the (wrapped) model: saving and generation use it
+    fused: list[FusedGroup]  # LoRA projections running fused (train.fuse_lora), undone by `finish`
     loss_module: torch.nn.Module  # what forward/backward go through: DDP/FSDP-wrapped AnswerTokenLossSum (or the
     # preference objective's PreferenceLossSum)
     collate_fn: Callable[[list], Batch]  # a micro-batch's examples (or pairs) -> the model's inputs
@@ -106,6 +109,7 @@ class Run:
     trainable: list[torch.nn.Parameter]
     lengths: list[int]
     step_plan: StepPlan
+    micro_batch_tokens: int  # each rank's share of a step is re-laid out in packed rows of at most this; 0 = as planned
     pool_of: Callable[[int], list[int]] | None  # a data mix's examples of an epoch; None: every example once
     total_steps: int
     config_text: str
@@ -127,6 +131,7 @@ class StepResult:
     seconds: float
     stop_requested: bool  # any rank got SIGTERM/SIGINT
     preference: dict[str, float] | None = None  # rewards, reward accuracy, margin, log-probabilities (step means)
+    passes: int = 0  # forward/backward passes each rank made (micro-batches after train.micro_batch_tokens)
 
     @property
     def finite(self) -> bool:
@@ -146,10 +151,11 @@ class TrainResult:
 
 def train(cfg: RunConfig, show_progress: bool = True,
           rows: tuple[list[Example], list[Example]] | None = None,
-          preflight: Callable[[list[int]], None] | None = None) -> TrainResult:
+          preflight: Callable[[list[int], tuple[int, ...]], None] | None = None) -> TrainResult:
     """`rows`: train and validation rows the caller already read with `read_raw` (the CLI does, before torch is
     imported); read here otherwise. `preflight`: called on the main process with the tokenized training examples'
-    lengths, before the model loads (the CLI prints its memory estimate for them)."""
+    lengths and those of the largest micro-batch the run will form, before the model loads (the CLI prints its
+    memory estimate for it)."""
     validate_for_training(cfg)
     check_available(cfg.train.report_to)
     # Data first: a broken row fails in seconds, before the model is loaded.
@@ -176,7 +182,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
 
 
 def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_rows: list[Example], device: str,
-           world: distributed.World, preflight: Callable[[list[int]], None] | None = None) -> Run:
+           world: distributed.World, preflight: Callable[[list[int], tuple[int, ...]], None] | None = None) -> Run:
     run_dir = Path(cfg.output_dir)
     data_files = data_file_hashes(cfg.data)
     resume_from = find_resume_point(cfg, run_dir, data_files)
@@ -194,12 +200,21 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     guard = cfg.train.guard.source
     if guard and not any(ex.origin == guard for ex in data.val):
         raise DataError(f"train.guard.source: no validation examples of {guard!r} are left after tokenization")
-    if preflight is not None and world.is_main:
-        preflight([ex.packed_length for ex in data.train])
-
     t = cfg.train
+    lengths = [ex.packed_length for ex in data.train]
+    # One plan for the whole world: a global step is grad_accum micro-batches per rank.
+    step_plan = StepPlan(t.batch_size, t.grad_accum * world.size, t.tokens_per_batch, cfg.data.packing,
+                         cfg.data.group_by_length, t.seed)
+    row_tokens, row_line = micro_batch_tokens(cfg, lengths, step_plan, world.size)
+    # Each rank measured its own free memory: all take the smallest budget, so all make the same passes.
+    row_tokens = distributed.all_reduce_min(world, row_tokens)
+    if world.is_main:
+        log.info("%s", row_line)
+        if preflight is not None:
+            preflight(lengths, tuple(lengths[i] for i in largest_row(lengths, step_plan, world.size, row_tokens)))
+
     autocast_dtype = torch.bfloat16 if _use_bf16(t.dtype, device) else None
-    model = _prepare_model(cfg, device, world, tokenizer, added_ids)
+    model, fused = _prepare_model(cfg, device, world, tokenizer, added_ids)
     reference_s = None
     if cfg.objective == "sft":
         loss, collate_fn = AnswerTokenLossSum(model), partial(collate, packing=cfg.data.packing,
@@ -219,10 +234,6 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
     loss_module = distributed.wrap(world, loss, device)
     optimizer = build_optimizer(model, cfg.train)  # after wrapping: under FSDP it holds the shards
 
-    lengths = [ex.packed_length for ex in data.train]
-    # One plan for the whole world: a global step is grad_accum micro-batches per rank.
-    step_plan = StepPlan(t.batch_size, t.grad_accum * world.size, t.tokens_per_batch, cfg.data.packing,
-                         cfg.data.group_by_length, t.seed)
     pool_of, shares = None, []
     if isinstance(cfg.data.train, list):
         shares = plan_shares(data_sources(cfg.data.train), [ex.origin for ex in data.train])
@@ -250,18 +261,21 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
                  "distributed": world.mode,
                  **({"examples_per_epoch_by_source": {s.name: s.count for s in shares}} if pool_of else {}),
                  **({"reference_pass_s": round(reference_s, 3)} if reference_s else {})})
-    return Run(cfg, run_dir, world, device, autocast_dtype, tokenizer, data, model, loss_module, collate_fn, optimizer,
-               [p for p in model.parameters() if p.requires_grad], lengths, step_plan, pool_of, total_steps,
-               config_text, resume_from, run_log, state, best_weights, first_step=state.step)
+    return Run(cfg, run_dir, world, device, autocast_dtype, tokenizer, data, model, fused, loss_module, collate_fn,
+               optimizer, [p for p in model.parameters() if p.requires_grad], lengths, step_plan, row_tokens,
+               pool_of, total_steps, config_text, resume_from, run_log, state, best_weights, first_step=state.step)
 
 
 def _prepare_model(cfg: RunConfig, device: str, world: distributed.World, tokenizer,
-                   added_ids: list[int]) -> torch.nn.Module:
-    """load -> rows for added tokens -> method -> memory and speed options: the model the optimizer will train."""
+                   added_ids: list[int]) -> tuple[torch.nn.Module, list[FusedGroup]]:
+    """load -> rows for added tokens -> method -> memory and speed options: the model the optimizer will train, and
+    its fused LoRA groups (undone before the output is saved)."""
     model = load_base_model(cfg, device)  # 4-bit for qlora, float32 otherwise
     if added_ids:
         grow_embeddings(model, tokenizer, fresh=True)
     model = apply_method(model, cfg, added_ids)
+    # FSDP replaces each module's weights by shards of its own: a fused buffer of several modules cannot follow.
+    fused = fuse_lora(model) if cfg.train.fuse_lora and cfg.train.distributed != "fsdp" else []
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the gradient path
@@ -276,7 +290,10 @@ def _prepare_model(cfg: RunConfig, device: str, world: distributed.World, tokeni
         log.info("%s", family_line(model.config))
         log.info("%s", attention_paths(model.config, cfg.data.packing))
         log.info("%s", parameter_report(model))
-    return model
+        if fused:
+            log.info("LoRA: %d projections run as %d fused groups (train.fuse_lora)",
+                     sum(len(g.members) for g in fused), len(fused))
+    return model, fused
 
 
 def find_resume_point(cfg: RunConfig, run_dir: Path, data_files: dict[str, str]) -> Path | None:
@@ -368,14 +385,18 @@ def optimizer_step(run: Run, micro_batches: list[list[int]], stop: StopRequests)
     started = time.perf_counter()
     lr = lr_at(state.step, run.total_steps, t)
     set_lr(run.optimizer, lr)
-    batches = [run.collate_fn([run.data.train[i] for i in mb]) for mb in distributed.my_share(world, micro_batches)]
+    # Each rank's share of the step, re-laid out in as few packed rows as the micro-batch budget allows; every rank
+    # knows every share, so all make as many passes as the largest (DDP's and FSDP's collectives line up).
+    shares = [merge_micro_batches(share, run.lengths, run.micro_batch_tokens)
+              for share in distributed.shares(world, micro_batches)]
+    batches = [run.collate_fn([run.data.train[i] for i in mb]) for mb in shares[world.rank]]
     # The loss divisor: answer tokens (pairs) of the whole global step, summed over ranks before any backward.
     step_targets, nll_targets = distributed.all_reduce_sum(
         world, [sum(b.divisor_count for b in batches), sum(b.num_nll_targets for b in batches)])
     step_targets = int(step_targets)
     for batch in batches:  # ORPO: its NLL term is a token mean over the step, inside a mean over pairs
         batch.nll_scale = step_targets / nll_targets if nll_targets else 0.0
-    passes = distributed.share_count(world, len(micro_batches))
+    passes = max(len(share) for share in shares)
     # A rank left without micro-batches in a short last step still runs a pass (weighted 0).
     filler = batches[0] if batches else run.collate_fn([run.data.train[i] for i in micro_batches[0]])
     if run.cfg.objective == "kto":  # its KL term: one estimate over the whole step, before any of its losses
@@ -392,7 +413,7 @@ def optimizer_step(run: Run, micro_batches: list[list[int]], stop: StopRequests)
                                                                            *stat_sums])
     result = StepResult(step_loss, grad_norm, lr, sum(b.num_tokens for b in batches) * world.size, step_targets,
                         0.0, stop_votes > 0,  # tokens: this rank's, scaled to the world
-                        stats_record(stat_sums, kto=run.cfg.objective == "kto") if stat_sums else None)
+                        stats_record(stat_sums, kto=run.cfg.objective == "kto") if stat_sums else None, passes)
     if result.finite:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -448,7 +469,8 @@ def record_step(run: Run, result: StepResult) -> None:
                 {"target_tokens": result.targets}
             run.log.log({"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": result.lr,
                          "grad_norm": result.grad_norm, "tokens": result.tokens, **counted,
-                         "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds})
+                         "micro_batches": result.passes, "tokens_per_s": result.tokens / result.seconds,
+                         "step_time_s": result.seconds})
         return
     # A NaN/Inf step changes nothing: its update is skipped, the data and schedule move on.
     state.bad_steps += 1
@@ -488,7 +510,7 @@ def evaluate(run: Run) -> Evaluation:
     if run.cfg.objective == "sft":
         overall, by_source = validation_by_source(run.model, run.data.val, t.batch_size, run.cfg.data.packing,
                                                   run.tokenizer.pad_token_id, run.device, run.autocast_dtype,
-                                                  run.world, run.loss_module)
+                                                  run.world, run.loss_module, run.micro_batch_tokens)
         record = {"step": state.step, "val_loss": overall,
                   **({"val_loss_by_source": by_source} if len(by_source) > 1 or t.guard.source else {})}
         shown = "".join(f", {name} {loss:.4f}" for name, loss in by_source.items()) if len(by_source) > 1 else ""
@@ -557,6 +579,7 @@ def finish(run: Run) -> TrainResult:
         state.val_loss = state.best_val
     if run.cfg.data.packing:
         use_standard_attention(model)  # what is saved must generate with ordinary attention
+    unfuse_lora(run.fused)  # PEFT's own modules again, each with its own weight: what callers merge and generate with
     if saves_whole_model(run.cfg.method):  # a full model's generation config: stop at the trained end of turn
         keep_end_of_turn(causal_lm_of(model).generation_config, run.tokenizer)
     meta = {"base_model": run.cfg.model, "method": run.cfg.method, "objective": run.cfg.objective,

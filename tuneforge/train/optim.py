@@ -20,7 +20,8 @@ def build_optimizer(model: torch.nn.Module, train: TrainSettings) -> torch.optim
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # foreach=True: one fused update over all tensors instead of a Python loop per parameter.
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.999), eps=train.adam_eps,
+                             foreach=True)
 
 
 def warmup_steps(train: TrainSettings, total_steps: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.data.batching import collate
+from tuneforge.data.batching import collate, merge_micro_batches
 from tuneforge.data.tokenize import TokenizedExample
 from tuneforge.train import distributed
 from tuneforge.train.forward import AnswerTokenLossSum
@@ -29,12 +29,15 @@ def validation_loss(
 
 
 def validation_by_source(model, examples: list[TokenizedExample], batch_size: int, packing: bool, pad_id: int,
-                         device: str, autocast_dtype=None, world=None, loss_module=None) -> tuple[float, dict[str, float]]:
+                         device: str, autocast_dtype=None, world=None, loss_module=None,
+                         tokens_per_batch: int = 0) -> tuple[float, dict[str, float]]:
     """The overall validation loss and one per source (examples' `origin`), each an answer-token mean: what a user
-    watches to see the task improve while general data holds (or not)."""
+    watches to see the task improve while general data holds (or not). `tokens_per_batch`: packed rows of up to
+    this many tokens instead of batch_size examples (training's micro-batch budget: a pass without gradients holds
+    less than a training pass of the same row)."""
     names = list(dict.fromkeys(ex.origin for ex in examples))
     sums = {name: _loss_sums(model, [ex for ex in examples if ex.origin == name], batch_size, packing, pad_id, device,
-                             autocast_dtype, world, loss_module) for name in names}
+                             autocast_dtype, world, loss_module, tokens_per_batch) for name in names}
     total, count = sum(t for t, _ in sums.values()), sum(c for _, c in sums.values())
     return total / max(count, 1), {name: t / max(c, 1) for name, (t, c) in sums.items()}
 
@@ -59,9 +62,13 @@ def validation_pairs(loss_module: torch.nn.Module, pairs: list, batch_size: int,
 
 
 @torch.no_grad()
-def _loss_sums(model, examples, batch_size, packing, pad_id, device, autocast_dtype, world, loss_module):
+def _loss_sums(model, examples, batch_size, packing, pad_id, device, autocast_dtype, world, loss_module,
+               tokens_per_batch: int = 0):
     loss_module = loss_module or AnswerTokenLossSum(model)
-    batches = [collate(examples[i : i + batch_size], packing, pad_id) for i in range(0, len(examples), batch_size)]
+    groups = [list(range(i, min(i + batch_size, len(examples)))) for i in range(0, len(examples), batch_size)]
+    if packing and tokens_per_batch:
+        groups = merge_micro_batches(groups, [ex.packed_length for ex in examples], tokens_per_batch)
+    batches = [collate([examples[i] for i in group], packing, pad_id) for group in groups]
     total, count, _ = _batch_sums(loss_module, batches, device, autocast_dtype, world)
     return total, count
 
