@@ -141,6 +141,8 @@ def perplexity(path: Path, tokenizer, examples) -> float:
     from tuneforge.eval.perplexity import answer_perplexity
     from tuneforge.model.load import load_model
 
+    # A GGUF file is converted to a cached safetensors model: cache it beside the exports, not in the user's cache.
+    os.environ["TUNEFORGE_CACHE"] = str(path.parent / "cache")
     model = load_model(str(path)).eval()
     return answer_perplexity(model, tokenizer, examples).perplexity
 

@@ -101,6 +101,17 @@ def test_merged_logits_equal_adapter_on_base(demo_dir, merged, merged_model, pro
     assert (merged_logits - peft_merged_logits).abs().max() < 1e-6
     assert (base_logits - adapter_logits).abs().max() > 1e-1  # 20 steps really changed the model
     assert not list(merged.glob("adapter_*")) and (merged / "chat_template.jinja").is_file()
+    # What the anchors' merges lose, kept: the requested dtype, and the end of turn as a stop id for transformers
+    # and vLLM (generation_config), with the trained chat template.
+    from transformers import GenerationConfig
+
+    from tuneforge.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(str(merged))
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = GenerationConfig.from_pretrained(merged).eos_token_id
+    assert end_of_turn in (stops if isinstance(stops, list) else [stops])
+    assert merged_model.dtype == torch.float32 and all(p.dtype == torch.float32 for p in merged_model.parameters())
 
 
 def test_gguf_reads_back_with_the_merged_tensors_metadata_tokenizer_and_template(gguf_f32, merged_model, tokenizer):
@@ -117,6 +128,8 @@ def test_gguf_reads_back_with_the_merged_tensors_metadata_tokenizer_and_template
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "smollm"
     assert len(meta["tokenizer.ggml.tokens"]) == config.vocab_size == len(tokenizer)
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    # llama.cpp (and Ollama) stop at the end of turn the model was tuned to write
+    assert meta["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert meta["tokenizer.chat_template"] == tokenizer.chat_template
 
     tensors = {t.name: t for t in reader.tensors}

@@ -137,6 +137,33 @@ def test_token_budget_and_length_grouped_runs_train(tiny_model_dir, data_file, t
         assert all(r["tokens"] <= 200 for r in records if "tokens" in r)
 
 
+def test_gradient_checkpointing_recomputes_the_layers_and_changes_no_loss(tiny_model_dir, data_file, tmp_path,
+                                                                        monkeypatch):
+    """The decoder layers train in training mode, so train.gradient_checkpointing really recomputes them (the base
+    model arrives from from_pretrained in eval mode, where checkpointing is skipped silently)."""
+    import transformers.modeling_layers as layers
+
+    calls = {"checkpointed": 0, "plain": 0}
+    original = layers.GradientCheckpointingLayer.__call__
+
+    def counting(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden.device.type != "meta":  # not the planner's memory probe
+            calls["checkpointed" if self.gradient_checkpointing and self.training else "plain"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(layers.GradientCheckpointingLayer, "__call__", counting)
+    common = ["data.val_split=0", "lora.dropout=0", "train.epochs=1", "train.max_steps=2"]
+    plain = train(config(tiny_model_dir, data_file, tmp_path / "p", *common), show_progress=False)
+    assert calls["checkpointed"] == 0 and calls["plain"] > 0
+    calls.update(checkpointed=0, plain=0)
+    recomputed = train(config(tiny_model_dir, data_file, tmp_path / "c", *common,
+                              "train.gradient_checkpointing=true"), show_progress=False)
+    assert calls["checkpointed"] > 0 and calls["plain"] == 0
+    a, b = _step_losses(plain.run_dir), _step_losses(recomputed.run_dir)
+    assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+
+
 def test_compiled_layers_give_the_same_losses(tiny_model_dir, data_file, tmp_path):
     common = ["data.val_split=0", "lora.dropout=0", "train.epochs=1", "train.max_steps=4"]  # compile time dominates
     eager = train(config(tiny_model_dir, data_file, tmp_path / "e", *common), show_progress=False)

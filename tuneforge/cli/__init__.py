@@ -10,11 +10,11 @@ import logging
 import os
 import sys
 
-from tuneforge.cli import chat, data, deploy, evaluate, plan, train, ui
+from tuneforge.cli import chat, data, deploy, evaluate, plan, train, tune, ui
 from tuneforge.errors import UserError
 
 # The table: every subcommand family, in the order `tuneforge --help` lists them.
-FAMILIES = [train, data, evaluate, chat, deploy, plan, ui]
+FAMILIES = [train, tune, data, evaluate, chat, deploy, plan, ui]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +50,10 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="tuneforge: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])  # as typed, for commands that relaunch themselves
+    if argv is None and args.command == "train":  # the program itself, not a caller's main([...]): its allocator
+        from tuneforge.allocator import use_tcmalloc
+
+        use_tcmalloc(args.argv)
     quiet_libraries()
     try:
         return args.func(args)

@@ -26,6 +26,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     rec = recommend(model, examples, args.gpu_mem, args.domain_shift, shape=shape, data_path=args.data,
                     seq_len=args.seq_len, device=args.device, objective=args.objective)
     text = render_yaml(rec)
+    if args.tune:
+        return _recommend_then_tune(args, text)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
         load_config(args.output)  # what we wrote must be a run file `tuneforge train` accepts
@@ -33,6 +35,25 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def _recommend_then_tune(args: argparse.Namespace, text: str) -> int:
+    """`recommend --tune BUDGET`: the recommendation, then a search around it, then the best run file."""
+    from tuneforge.config import load_config
+    from tuneforge.tune.settings import TuneSettings, budget_seconds
+    from tuneforge.tune.study import run_study
+
+    if args.data is None:
+        raise UserError("recommend --tune: needs --data (the search trains on it)")
+    budget_seconds(args.tune)
+    output = Path(args.output or "tuned.yaml")
+    recommended = output.with_name(output.stem + ".recommended.yaml")
+    recommended.write_text(text, encoding="utf-8")
+    cfg = load_config(recommended)
+    print(f"wrote the recommendation to {recommended}; tuning around it for {args.tune}", flush=True)
+    result = run_study(str(recommended), [], TuneSettings(budget=args.tune, output=str(output),
+                                                          study_dir=f"{cfg.output_dir}-tune"))
+    return 0 if result.best_run is not None else 3
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -102,6 +123,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--objective", choices=OBJECTIVES, default="sft",
                    help="sft, or a preference objective: its strength and learning rate come with their reasons")
     p.add_argument("-o", "--output", help="write the run file here (default: print it)")
+    p.add_argument("--tune", metavar="BUDGET", help="then search around the recommendation for this long (e.g. 30m) "
+                                                    "and write the best run file (needs --data)")
     p.set_defaults(func=cmd_recommend)
 
     e = sub.add_parser("estimate", help="peak training memory (and time per epoch) of a run file or a model + method")

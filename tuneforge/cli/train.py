@@ -26,8 +26,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     rows = read_raw(cfg.data, cfg.train.seed, cfg.objective)
     if args.nproc:
         return _launch_torchrun(args.nproc, cfg, args.argv)
+    from tuneforge.allocator import allocator_line
     from tuneforge.plan.estimate import preflight_report
     from tuneforge.train.loop import train
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"tuneforge: {allocator_line()}", file=sys.stderr, flush=True)
 
     def preflight(example_lengths: list[int], row_lengths: tuple[int, ...]) -> None:
         # The planned peak for this data's largest micro-batch, once it is tokenized and before the model loads: a

@@ -45,7 +45,9 @@ class FusedGroup:
         base = [m.base_layer for m in members]
         self.widths = [layer.out_features for layer in base]
         with torch.no_grad():
-            self.weight = torch.cat([layer.weight for layer in base]) if len(base) > 1 else base[0].weight.detach()
+            # One module: its own weight, the Parameter itself (nothing new to store; the planner, which counts what
+            # autograd saves, recognises parameters by identity).
+            self.weight = torch.cat([layer.weight for layer in base]) if len(base) > 1 else base[0].weight
             biases = [layer.bias for layer in base]
             self.bias = (torch.cat([b if b is not None else torch.zeros(w, dtype=self.weight.dtype,
                                                                         device=self.weight.device)
@@ -61,6 +63,7 @@ class FusedGroup:
         self._pending: list[torch.Tensor | None] = []
         self._forwards = []
         for index, member in enumerate(members):
+            member._fused_group = self  # a plain attribute (not a submodule): how the planner finds the buffer
             self._forwards.append(member.__dict__.get("forward"))
             member.forward = self._member_forward(index)  # an instance attribute: nn.Module.__call__ calls it
 
@@ -104,6 +107,7 @@ class FusedGroup:
     def unfuse(self) -> None:
         """PEFT's own forward back, and each module's own weight (a copy of its view)."""
         for member, forward in zip(self.members, self._forwards):
+            del member._fused_group
             if forward is None:
                 del member.forward
             else:
@@ -144,6 +148,12 @@ def fuse_lora(model: torch.nn.Module) -> list[FusedGroup]:
             groups.append(FusedGroup([module]))
             seen.add(id(module))
     return groups
+
+
+def fused_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The frozen weight buffers of the model's fused groups: weights, not activations, wherever autograd saves them."""
+    groups = {id(g): g for m in model.modules() if (g := getattr(m, "_fused_group", None)) is not None}
+    return [t for g in groups.values() for t in (g.weight, g.bias) if t is not None]
 
 
 def unfuse_lora(groups: list[FusedGroup]) -> None:

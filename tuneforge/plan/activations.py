@@ -56,8 +56,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def count_saved_activations(model: torch.nn.Module, body_call) -> ActivationCount:
     """Run `body_call()` (a forward pass over meta inputs) and count what autograd saves, per decoder layer."""
+    from tuneforge.model.fused_lora import fused_weights
+
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     params |= {b.untyped_storage()._cdata for b in model.buffers()}
+    params |= {w.untyped_storage()._cdata for w in fused_weights(model)}  # fused LoRA's frozen weights
     layers = decoder_layers(model)
     saved: dict[int, tuple[int, int | None]] = {}  # storage -> (bytes, layer index or None)
     layer_inputs = [0] * len(layers)

@@ -232,6 +232,10 @@ def set_up(cfg: RunConfig, show_progress: bool, train_rows: list[Example], val_r
         # Into the whole model, before FSDP shards it: every rank reads the same checkpoint.
         ckpt.load_trainable_state(model, loaded["weights"])
     loss_module = distributed.wrap(world, loss, device)
+    # Training mode for every module: from_pretrained hands the base model over in eval mode, and its decoder layers
+    # only recompute activations (train.gradient_checkpointing) and drop out in training mode. Validation and
+    # generation switch to eval mode and back.
+    loss_module.train()
     optimizer = build_optimizer(model, cfg.train)  # after wrapping: under FSDP it holds the shards
 
     pool_of, shares = None, []

@@ -136,7 +136,18 @@ def run_summary(runs_root: Path, run: Path) -> dict:
         "eval": eval_scores(run),
         "has_weights": read_meta(run) is not None,
         "updated": _last_activity(run),
+        "study": study_of(run),
     }
+
+
+def study_of(run: Path) -> dict | None:
+    """A `tuneforge tune` trial (STUDY/trials/NNNN): its study, the study's metric, whether it is the best trial."""
+    state = read_json_object(run.parent.parent / "tune.json") if run.parent.name == "trials" else None
+    if state is None:
+        return None
+    best = state.get("best_run")
+    return {"study": run.parent.parent.name, "metric": (state.get("settings") or {}).get("metric"),
+            "best": bool(best) and Path(best).resolve() == run.resolve()}
 
 
 def run_curves(run: Path) -> dict[str, list[list[float]]]:

@@ -1,0 +1,158 @@
+"""What `tuneforge tune` buys over the tables: held-out exact match of the guide's defaults, of `recommend`'s run file and
+of the best trial of a `tune --budget` search, on two tasks.
+
+    .venv/bin/python bench/tune.py                    # both tasks, 30-minute searches (about 1.5 h; run it alone)
+    .venv/bin/python bench/tune.py --budget 10m --tasks demo
+
+Tasks (the embedded SmolLM2-135M-Instruct, LoRA):
+  demo    `make demo`'s task: name and city out of a sentence, answered as `NAME=...; CITY=...`
+  harder  the same sentences, a harder rule: `SURNAME, I. @ CITY` (surname first, the first name's initial, the city
+          in capitals), which the model must learn to reorder and transform, not only to copy
+
+For each task:
+  (a) defaults   the run file names only the model, LoRA and the data (every other value: tuneforge's defaults)
+  (b) recommend  `tuneforge recommend --data TRAIN --device cpu --gpu-mem <free RAM>`'s run file
+  (c) tune       `tuneforge tune` on (b)'s run file for --budget, metric exact_match; its best trial
+(a) and (b) train on the training rows (validation split as their run files say) and are scored on the held-out
+test rows once; (c) searches on a validation split of the training rows and its best trial is scored on the same
+test rows once, at the end (tune --test). Timings are reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench.train_speed import write_report  # noqa: E402
+
+TUNEFORGE = [sys.executable, "-m", "tuneforge"]
+DEMO = ROOT / "examples" / "demo"
+
+
+def harder_task(directory: Path) -> tuple[Path, Path]:
+    """`make demo`'s sentences with the harder answer rule, train/test split as the demo's (unseen names in test)."""
+    import make_demo_data as demo
+
+    def rows(firsts, lasts, cities, count, rng):
+        out = []
+        for _ in range(count):
+            first, last, city = rng.choice(firsts), rng.choice(lasts), rng.choice(cities)
+            sentence = rng.choice(demo.TEMPLATES).format(name=f"{first} {last}", city=city)
+            out.append({"instruction": demo.INSTRUCTION, "input": sentence,
+                        "output": f"{last.upper()}, {first[0]}. @ {city.upper()}"})
+        return out
+
+    rng = random.Random(11)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = directory / "train.jsonl", directory / "test.jsonl"
+    parts = rows(demo.FIRST[:46], demo.LAST[:40], demo.CITIES[:48], 320, rng), \
+        rows(demo.FIRST[46:], demo.LAST[40:], demo.CITIES[48:], 40, rng)
+    for path, part in zip(files, parts):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    return files
+
+
+def run(command: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {log}:\n"
+                         f"{log.read_text()[-3000:]}")
+    return time.perf_counter() - started
+
+
+def exact_match(run_dir: Path, test: Path, work: Path) -> float:
+    out = work / f"eval-{run_dir.name}"
+    run(TUNEFORGE + ["eval", str(run_dir), "--data", str(test), "--metrics", "exact_match", "--out", str(out)],
+        work / f"eval-{run_dir.name}.log")
+    models = json.loads((out / "summary.json").read_text())["models"]
+    return float((models.get("tuned") or models.get("model"))["scores"]["exact_match"])
+
+
+def free_ram_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30
+
+
+def one_task(name: str, train: Path, test: Path, work: Path, budget: str) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    result = {}
+    defaults = work / "defaults.yaml"
+    defaults.write_text(yaml.safe_dump({"model": "smollm2-135m-instruct", "method": "lora",
+                                        "output_dir": str(work / "defaults"),
+                                        "data": {"train": str(train), "val_split": 0.1}}))
+    seconds = run(TUNEFORGE + ["train", str(defaults), "--quiet"], work / "defaults.log")
+    result["defaults"] = {"exact_match": exact_match(work / "defaults", test, work), "seconds": seconds}
+    print(f"[{name}] (a) defaults: {result['defaults']}", flush=True)
+
+    recommended = work / "recommend.yaml"
+    run(TUNEFORGE + ["recommend", "--data", str(train), "--device", "cpu", "--gpu-mem", f"{free_ram_gib():.0f}",
+                     "-o", str(recommended)], work / "recommend-plan.log")
+    config = yaml.safe_load(recommended.read_text())
+    config["output_dir"] = str(work / "recommend")
+    config.setdefault("data", {})["val_split"] = 0.1
+    recommended.write_text(yaml.safe_dump(config))
+    seconds = run(TUNEFORGE + ["train", str(recommended), "--quiet"], work / "recommend.log")
+    result["recommend"] = {"exact_match": exact_match(work / "recommend", test, work), "seconds": seconds,
+                           "config": {k: config["train"].get(k) for k in ("lr", "epochs", "batch_size", "grad_accum")}
+                           | {"lora.r": config.get("lora", {}).get("r")}}
+    print(f"[{name}] (b) recommend: {result['recommend']}", flush=True)
+
+    study = work / "study"
+    seconds = run(TUNEFORGE + ["tune", str(recommended), "--budget", budget, "--metric", "exact_match", "--test",
+                               str(test), "--study-dir", str(study), "-o", str(work / "best.yaml")],
+                  work / "tune.log")
+    state = json.loads((study / "tune.json").read_text())
+    best = yaml.safe_load((work / "best.yaml").read_text())
+    trials = sum(1 for _ in (study / "trials").glob("*.yaml"))
+    result["tune"] = {"exact_match": state["test_score"], "seconds": seconds, "trials": trials,
+                      "validation": state["best_value"],
+                      "config": {k: best["train"].get(k) for k in ("lr", "epochs", "warmup_ratio")}
+                      | {"lora.r": best.get("lora", {}).get("r")}}
+    print(f"[{name}] (c) tune: {result['tune']}", flush=True)
+    return result
+
+
+def table(results: dict, budget: str) -> str:
+    lines = ["| task | (a) defaults | (b) recommend | (c) tune " + budget + " (best trial) | (c) - (b) | tune's "
+             "trials | tune's choice |", "|---|---|---|---|---|---|---|"]
+    for task, r in results.items():
+        gain = 100 * (r["tune"]["exact_match"] - r["recommend"]["exact_match"])
+        choice = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["tune"]["config"].items())
+        lines.append(f"| {task} | {r['defaults']['exact_match']:.3f} | {r['recommend']['exact_match']:.3f} | "
+                     f"{r['tune']['exact_match']:.3f} | {gain:+.1f} points | {r['tune']['trials']} | {choice} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", default="30m")
+    parser.add_argument("--tasks", default="demo,harder")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tuneforge-tune-bench-") as tmp:
+        tmp = Path(tmp)
+        for task in args.tasks.split(","):
+            train, test = (DEMO / "train.jsonl", DEMO / "test.jsonl") if task == "demo" else \
+                harder_task(tmp / "harder-data")
+            results[task] = one_task(task, train, test, tmp / task, args.budget)
+    write_report(args.out, "tune", table(results, args.budget), {"results": results, "budget": args.budget})
+
+
+if __name__ == "__main__":
+    main()

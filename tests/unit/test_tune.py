@@ -1,0 +1,196 @@
+"""`tuneforge tune` on the tiny model: the default space from recommend, --space checked like a config, held-out
+discipline (the split, the test rows scored once), a failing trial recorded while the study goes on, and kill -9 in
+the middle of a study followed by --resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, run_cli, write_jsonl
+from tuneforge.config import load_config
+
+LABELS = ("red", "green", "blue")
+
+
+def rows(n: int, offset: int = 0) -> list[dict]:
+    return [{"instruction": f"Colour number {i}?", "output": LABELS[i % 3], "kind": LABELS[i % 3]}
+            for i in range(offset, offset + n)]
+
+
+def run_file(tmp_path: Path, tiny_model_dir: Path, train_rows: int = 24, **train) -> Path:
+    data = write_jsonl(tmp_path / "train.jsonl", rows(train_rows))
+    config = {"model": str(tiny_model_dir), "method": "lora", "output_dir": str(tmp_path / "run"),
+              "lora": {"dropout": 0.0},
+              "data": {"train": str(data), "val_split": 0.25, "max_length": 64},
+              "train": {"batch_size": 4, "grad_accum": 1, "epochs": 1, **train}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_default_space_is_centred_on_recommend(tiny_model_dir, tmp_path):
+    from tuneforge.plan.recommend import EPOCHS_BY_SIZE, LR_BY_METHOD, _lookup
+    from tuneforge.tune.space import default_space
+
+    cfg = load_config(run_file(tmp_path, tiny_model_dir))
+    space = default_space(cfg, 500)
+    dims = {d.key: d for d in space.dimensions}
+    lr = LR_BY_METHOD["lora"][0]
+    assert dims["train.lr"].log and math.isclose(dims["train.lr"].low * dims["train.lr"].high, lr * lr)
+    assert dims["train.lr"].low < lr < dims["train.lr"].high
+    assert dims["lora.r"].choices == (8, 16, 32, 64)
+    assert dims["train.epochs"].high == _lookup(EPOCHS_BY_SIZE, 500)[0] and dims["train.epochs"].integer
+    assert 0 <= dims["train.warmup_ratio"].low < dims["train.warmup_ratio"].high <= 0.1
+    assert space.overrides({"lora.r": 32, "train.lr": 1e-4}) == {"lora.r": 32, "train.lr": 1e-4, "lora.alpha": 64.0}
+    full = default_space(load_config(run_file(tmp_path, tiny_model_dir), ["method=full"]), 50_000)
+    assert "lora.r" not in full.keys() and full.dimensions[0].low < LR_BY_METHOD["full"][0]
+
+
+@pytest.mark.parametrize("space, error", [
+    ({"train.learning_rate": {"low": 1e-5, "high": 1e-3}}, "unknown key"),
+    ({"train.lr": {"low": -1, "high": 1e-3}}, "must be > 0"),
+    ({"train.warmup_ratio": {"low": 0.0, "high": 0.5, "log": True}}, "log range needs low > 0"),
+    ({"lora.r": []}, "empty list"),
+    ({"train.epochs": {"low": 3, "high": 2}}, "low < high"),
+], ids=["unknown-key", "bad-bound", "log-from-zero", "no-choices", "empty-range"])
+def test_space_file_is_checked_like_a_config(tiny_model_dir, tmp_path, space, error):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space), encoding="utf-8")
+    done = run_cli("tune", str(run_file(tmp_path, tiny_model_dir)), "--space", str(space_file), "--budget", "1m")
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("tuneforge: error")]
+    assert len(lines) == 1 and error in lines[0] and str(space_file) in lines[0], done.stderr
+    assert not (tmp_path / "run-tune" / "study.db").exists()  # refused before any study starts
+
+
+def test_method_choices_keep_only_what_fits(tiny_model_dir, tmp_path, capsys):
+    from tuneforge.tune.space import load_space
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({"method": ["lora", "dora", "full"]}), encoding="utf-8")
+    too_big = {"full": "estimated peak 40.0 GiB, 20.0 GiB RAM available"}
+    space = load_space(str(space_file), str(run_file(tmp_path, tiny_model_dir)), [], too_big.get)
+    assert space.dimensions[0].choices == ("lora", "dora")
+    assert "method full left out of the search: estimated peak 40.0 GiB" in capsys.readouterr().out
+
+
+def test_a_study_searches_on_validation_rows_scores_test_once_and_survives_a_failing_trial(tiny_model_dir,
+                                                                                          tmp_path):
+    """Three trials, one of which cannot train (a LoRA target the model lacks); --by stratifies the split; the test
+    rows appear in no trial's run file and are scored once, on the best trial."""
+    config = run_file(tmp_path, tiny_model_dir, train_rows=30)
+    test_file = write_jsonl(tmp_path / "test.jsonl", rows(6, offset=100))
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({"train.lr": {"low": 1e-3, "high": 3e-3, "log": True},
+                                          "lora.target_modules": [["q_proj", "v_proj"], ["no_such_proj"]]}))
+    done = run_cli("tune", str(config), "--space", str(space_file), "--trials", "3", "--budget", "10m",
+                   "--metric", "exact_match", "--by", "kind", "--test", str(test_file), "--seed", "1")
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    study = tmp_path / "run-tune"
+    # The split: stratified by the field, made once, and the only data the trials train and validate on.
+    split_val = [json.loads(line)["kind"] for line in (study / "data" / "train.val.jsonl").read_text().splitlines()]
+    assert sorted(split_val) == sorted(LABELS * (len(split_val) // 3))  # each class kept in proportion
+    trial_files = sorted((study / "trials").glob("*.yaml"))
+    assert len(trial_files) == 3
+    for path in trial_files:
+        trial = yaml.safe_load(path.read_text())
+        assert trial["data"]["val"].endswith("train.val.jsonl") and trial["data"]["train"].endswith("train.train.jsonl")
+        assert str(test_file) not in path.read_text()
+        assert trial["train"]["eval_metric"] == "exact_match"
+    report = (study / "report.md").read_text()
+    assert "failed" in report and "no_such_proj" in report  # the failing trial, with its one-line reason
+    assert "scored once, on the best trial only" in report
+    state = json.loads((study / "tune.json").read_text())
+    assert state["test_score"] is not None and 0 <= state["test_score"] <= 1
+    best = yaml.safe_load((study / "best.yaml").read_text())
+    assert best["lora"]["target_modules"] == ["q_proj", "v_proj"]  # the failing value never wins
+    assert "# searched train.lr in [0.001, 0.003] (log)" in (study / "best.yaml").read_text()
+    assert best["data"]["train"] == str(tmp_path / "train.jsonl")  # the user's data, for the final run
+    load_config(study / "best.yaml")  # a run file `tuneforge train` accepts
+    assert (study / "study.png").stat().st_size > 1000
+    assert "trial 0:" in done.stdout and "trial 2:" in done.stdout  # the live table
+
+
+def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
+    """kill -9 of the study while its second trial trains: that trial checkpoints (it is SIGTERMed when the study
+    dies); --resume keeps the finished trial as it was, resumes the interrupted one from its checkpoint and
+    finishes the study."""
+    config = run_file(tmp_path, tiny_model_dir, train_rows=48, epochs=2)
+    study = tmp_path / "run-tune"
+    command = [sys.executable, "-m", "tuneforge", "tune", str(config), "--trials", "3", "--budget", "10m",
+               "--metric", "val_loss", "--evaluations-per-epoch", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with (tmp_path / "tune.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        second = study / "trials" / "0001"
+        deadline = time.monotonic() + 240
+        while not _has_checkpoint(second):
+            assert process.poll() is None, (tmp_path / "tune.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second trial wrote no checkpoint in time"
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    first_metrics = (study / "trials" / "0000" / "metrics.jsonl").read_bytes()
+    _wait_for_exit(second)  # the orphaned trial got SIGTERM: it checkpoints and stops
+    assert json.loads((second / "status.json").read_text())["state"] in ("stopped", "running")
+
+    done = run_cli("tune", str(config), "--trials", "3", "--budget", "10m", "--metric", "val_loss",
+                   "--evaluations-per-epoch", "4", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    assert (study / "trials" / "0000" / "metrics.jsonl").read_bytes() == first_metrics  # not rerun
+    events = [r.get("event") for r in map(json.loads, (second / "metrics.jsonl").read_text().splitlines())]
+    assert "resume" in events  # continued from its checkpoint, not started over
+    assert json.loads((second / "status.json").read_text())["state"] == "finished"
+    report = (study / "report.md").read_text()
+    assert "interrupted: resumed as a new trial" in report
+    assert (study / "best.yaml").is_file()
+
+
+def _has_checkpoint(run: Path) -> bool:
+    from tuneforge.train.checkpoint import latest_checkpoint
+
+    return run.is_dir() and latest_checkpoint(run) is not None
+
+
+def _wait_for_exit(run: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads((run / "status.json").read_text()) if (run / "status.json").exists() else {}
+        pid = status.get("pid")
+        if status.get("state") != "running" or pid is None or not _alive(pid):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the trial in {run} did not stop after the study was killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_dashboard_shows_trials_as_runs_with_the_best_highlighted(tmp_path):
+    from tuneforge.ui.runs import find_runs, run_summary
+
+    study = tmp_path / "runs" / "demo-tune"
+    for number in ("0000", "0001"):
+        trial = study / "trials" / number
+        trial.mkdir(parents=True)
+        (trial / "config.yaml").write_text("method: lora\n")
+    (study / "tune.json").write_text(json.dumps({"settings": {"metric": "exact_match"},
+                                                 "best_run": str(study / "trials" / "0001")}))
+    rows = {run.name: run_summary(tmp_path / "runs", run) for run in find_runs(tmp_path / "runs")}
+    assert rows["0001"]["study"] == {"study": "demo-tune", "metric": "exact_match", "best": True}
+    assert rows["0000"]["study"]["best"] is False
