@@ -85,7 +85,7 @@ def run(command: list[str]) -> float:
 def merged_demo(run_dir: Path, out: Path) -> Path:
     if not (run_dir / "adapter_model.safetensors").is_file():
         print(f"training the demo into {run_dir} (configs/demo.yaml)", flush=True)
-        run(TUNEFORGE + ["train", "configs/demo.yaml", "--resume", "--quiet", f"output_dir={run_dir}"])
+        run(TUNEFORGE + ["train", "configs/demo.yaml", f"output_dir={run_dir}", "--resume", "--quiet"])
     merged = out / "merged"
     if not (merged / "model.safetensors").is_file():
         run(TUNEFORGE + ["merge", str(run_dir), "-o", str(merged)])

@@ -156,11 +156,26 @@ def test_the_export_keeps_the_end_of_turn_and_serves_and_evaluates(exports, toke
 
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS[:3]))
-    result = run_cli("eval", str(out), "--data", str(data), "--metrics", "exact_match", "--max-new-tokens", "8",
-                     "--out", str(tmp_path / "eval"))
+    result = run_cli("eval", str(out), "--data", str(data), "--metrics", "exact_match,perplexity",
+                     "--max-new-tokens", "8", "--out", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert "exact_match" in json.dumps(summary)
+    scores = next(iter(json.loads((tmp_path / "eval" / "summary.json").read_text())["models"].values()))["scores"]
+    assert "exact_match" in scores
+    # Perplexity runs the decoder alone (the chunked head): on the export loaded decompressed it equals plain
+    # transformers' whole forward of the compressed model, answer tokens only.
+    from tuneforge.data.formats import load_examples
+    from tuneforge.data.tokenize import tokenize_example
+
+    losses = []
+    for example in load_examples(str(data)):
+        tokens = tokenize_example(tokenizer, example)
+        with torch.no_grad():
+            logits = plain(input_ids=torch.tensor([tokens.input_ids])).logits[0].float()
+        at = [i - 1 for i, target in enumerate(tokens.target) if target]
+        losses.append(torch.nn.functional.cross_entropy(logits[at], torch.tensor(tokens.input_ids)[[i + 1 for i in at]],
+                                                        reduction="none"))
+    expected_ppl = float(torch.exp(torch.cat(losses).mean()))
+    assert abs(scores["perplexity"] - expected_ppl) < 1e-3 * expected_ppl, (scores["perplexity"], expected_ppl)
 
 
 def test_group_size_divides_every_layer_or_is_refused():

@@ -86,14 +86,14 @@ def test_method_choices_keep_only_what_fits(tiny_model_dir, tmp_path, capsys):
 
 def test_a_study_searches_on_validation_rows_scores_test_once_and_survives_a_failing_trial(tiny_model_dir,
                                                                                           tmp_path):
-    """Three trials, one of which cannot train (a LoRA target the model lacks); --by stratifies the split; the test
-    rows appear in no trial's run file and are scored once, on the best trial."""
+    """Two trials, the first of which cannot train (a LoRA target the model lacks: the seeded sampler draws it first);
+    --by stratifies the split; the test rows appear in no trial's run file and are scored once, on the best trial."""
     config = run_file(tmp_path, tiny_model_dir, train_rows=30)
     test_file = write_jsonl(tmp_path / "test.jsonl", rows(6, offset=100))
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump({"train.lr": {"low": 1e-3, "high": 3e-3, "log": True},
                                           "lora.target_modules": [["q_proj", "v_proj"], ["no_such_proj"]]}))
-    done = run_cli("tune", str(config), "--space", str(space_file), "--trials", "3", "--budget", "10m",
+    done = run_cli("tune", str(config), "--space", str(space_file), "--trials", "2", "--budget", "10m",
                    "--metric", "exact_match", "--by", "kind", "--test", str(test_file), "--seed", "1")
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     study = tmp_path / "run-tune"
@@ -101,7 +101,7 @@ def test_a_study_searches_on_validation_rows_scores_test_once_and_survives_a_fai
     split_val = [json.loads(line)["kind"] for line in (study / "data" / "train.val.jsonl").read_text().splitlines()]
     assert sorted(split_val) == sorted(LABELS * (len(split_val) // 3))  # each class kept in proportion
     trial_files = sorted((study / "trials").glob("*.yaml"))
-    assert len(trial_files) == 3
+    assert len(trial_files) == 2
     for path in trial_files:
         trial = yaml.safe_load(path.read_text())
         assert trial["data"]["val"].endswith("train.val.jsonl") and trial["data"]["train"].endswith("train.train.jsonl")
@@ -118,7 +118,7 @@ def test_a_study_searches_on_validation_rows_scores_test_once_and_survives_a_fai
     assert best["data"]["train"] == str(tmp_path / "train.jsonl")  # the user's data, for the final run
     load_config(study / "best.yaml")  # a run file `tuneforge train` accepts
     assert (study / "study.png").stat().st_size > 1000
-    assert "trial 0:" in done.stdout and "trial 2:" in done.stdout  # the live table
+    assert "trial 0:" in done.stdout and "trial 1:" in done.stdout  # the live table
 
 
 def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
@@ -127,7 +127,7 @@ def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
     finishes the study."""
     config = run_file(tmp_path, tiny_model_dir, train_rows=48, epochs=2)
     study = tmp_path / "run-tune"
-    command = [sys.executable, "-m", "tuneforge", "tune", str(config), "--trials", "3", "--budget", "10m",
+    command = [sys.executable, "-m", "tuneforge", "tune", str(config), "--trials", "2", "--budget", "10m",
                "--metric", "val_loss", "--evaluations-per-epoch", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with (tmp_path / "tune.log").open("w") as log:
@@ -144,7 +144,7 @@ def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
     _wait_for_exit(second)  # the orphaned trial got SIGTERM: it checkpoints and stops
     assert json.loads((second / "status.json").read_text())["state"] in ("stopped", "running")
 
-    done = run_cli("tune", str(config), "--trials", "3", "--budget", "10m", "--metric", "val_loss",
+    done = run_cli("tune", str(config), "--trials", "2", "--budget", "10m", "--metric", "val_loss",
                    "--evaluations-per-epoch", "4", "--resume")
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     assert (study / "trials" / "0000" / "metrics.jsonl").read_bytes() == first_metrics  # not rerun

@@ -196,7 +196,20 @@ def config_and_attention(path: str, trust_remote_code: bool = False) -> dict:
     from tuneforge.model.attention import standard_attention
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return {"config": config, "attn_implementation": standard_attention(config), "trust_remote_code": trust_remote_code}
+    keywords = {"config": config, "attn_implementation": standard_attention(config),
+                "trust_remote_code": trust_remote_code}
+    quantization = getattr(config, "quantization_config", None)
+    quant_method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", None)
+    if str(quant_method) == "compressed-tensors":
+        # A GPTQ/AWQ export (tuneforge export --format gptq|awq) is loaded decompressed into ordinary Linear weights:
+        # compressed-tensors' own layers materialise their weights in a hook on the whole model's forward, so
+        # calling the decoder alone (tuneforge's chunked head, perplexity) would find no weight. The values are the
+        # 4-bit grid's, dequantized; vLLM serves the directory itself, compressed.
+        from transformers import CompressedTensorsConfig
+
+        keywords["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    return keywords
 
 
 def pick_device(requested: str = "auto") -> str:

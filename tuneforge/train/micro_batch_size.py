@@ -32,6 +32,12 @@ def largest_step_tokens(lengths: list[int], plan: StepPlan, world_size: int) -> 
     return largest
 
 
+def largest_planned_tokens(lengths: list[int], plan: StepPlan, world_size: int) -> int:
+    """Tokens of the largest micro-batch the step plan itself makes (before any re-layout)."""
+    return max((sum(lengths[i] for i in batch) for step in epoch_steps(lengths, plan, 0) for batch in step),
+               default=0)
+
+
 def largest_row(lengths: list[int], plan: StepPlan, world_size: int, budget: int) -> list[int]:
     """The examples (indices) of the micro-batch holding the most tokens in the first epoch, as the loop lays each
     process's share of a step out with `budget`: what memory must hold at once."""
@@ -55,6 +61,10 @@ def micro_batch_tokens(cfg: RunConfig, lengths: list[int], plan: StepPlan, world
                          if setting else "micro-batches: batch_size examples each (train.micro_batch_tokens=0)")
     step = largest_step_tokens(lengths, plan, world_size)
     budget = min(step, AUTO_MAX_TOKENS)
+    planned = largest_planned_tokens(lengths, plan, world_size)
+    if budget <= planned:  # no row would hold more than a planned micro-batch already does: nothing to check
+        return budget, (f"micro-batches: packed rows of at most {budget:,} tokens (train.micro_batch_tokens=auto: "
+                        f"the largest step holds {step:,} tokens a process)")
     fits, why = _fits_in_memory(cfg, lengths, budget)
     if fits is None:
         return 0, f"micro-batches: batch_size examples each ({why})"
