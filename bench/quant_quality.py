@@ -25,7 +25,6 @@ run it alone.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -41,7 +40,7 @@ from bench.train_speed import write_report  # noqa: E402
 
 TUNEFORGE = [sys.executable, "-m", "tuneforge"]
 GGUF_TYPES = ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
-LLAMA_QUANTIZER_TYPES = {"q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}  # llama.h llama_ftype
+LLAMA_QUANTIZER_TYPES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]  # what llama_model_quantize writes here too
 COMPRESSED = ["gptq", "awq"]
 TEST = ROOT / "examples" / "demo" / "test.jsonl"
 MAX_TOKENS = 64
@@ -152,12 +151,22 @@ def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def same_content(ours: Path, theirs: Path) -> bool:
+    """Every tensor equal in type and bytes, and every metadata value equal: the same model file in content
+    (llama.cpp writes its keys and tensors in another order, so the files' bytes are not compared)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    a, b = GGUFReader(ours), GGUFReader(theirs)
+    tensors_a, tensors_b = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    if tensors_a.keys() != tensors_b.keys() or a.fields.keys() != b.fields.keys():
+        return False
+    for name, tensor in tensors_a.items():
+        other = tensors_b[name]
+        if tensor.tensor_type != other.tensor_type or not np.array_equal(
+                np.asarray(tensor.data).view(np.uint8), np.asarray(other.data).view(np.uint8)):
+            return False
+    return all(a.fields[key].contents() == b.fields[key].contents() for key in a.fields)
 
 
 def main() -> None:
@@ -178,8 +187,15 @@ def main() -> None:
     tokenizer = load_tokenizer(str(merged))
     examples, prompts, expected = held_out(tokenizer)
     rows = []
+    # Each measured row is kept in WORK/rows.json: a rerun (after a crash, or to add a row) reuses the rows whose
+    # file is still there instead of exporting and measuring them again (AWQ alone takes minutes).
+    rows_file = work / "rows.json"
+    done = json.loads(rows_file.read_text()) if rows_file.exists() else {}
 
     def measure(label, path, runtime, export_s=None, answers=None):
+        if label in done and path.exists():
+            rows.append(done[label])
+            return done[label]
         answers = answers or (llama_cpp_answers(path, prompts, tokenizer) if runtime == "llama.cpp" else
                               transformers_answers(load_model(str(path)).eval(), tokenizer, prompts))
         texts, speed = answers
@@ -189,18 +205,23 @@ def main() -> None:
                "runtime": runtime}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        done[label] = row
+        rows_file.write_text(json.dumps(done, indent=2))
         return row
 
     measure("merged fp32 model", merged, "transformers")
     for quant in GGUF_TYPES:
         file = work / f"demo-{quant}.gguf"
-        seconds = run(TUNEFORGE + ["export", str(merged), "--quant", quant, "-o", str(file), "--force"])
-        measure(quant, file, "llama.cpp", round(seconds, 1))
+        if quant not in done or not file.exists():
+            seconds = run(TUNEFORGE + ["export", str(merged), "--quant", quant, "-o", str(file), "--force"])
+        measure(quant, file, "llama.cpp", round(seconds, 1) if quant not in done else None)
     for fmt in COMPRESSED:
-        directory = work / f"demo-{fmt}"
-        # the run itself (not the merged copy) names the training rows to calibrate on: the same merged weights
-        seconds = run(TUNEFORGE + ["export", str(ROOT / args.run), "--format", fmt, "-o", str(directory), "--force"])
-        measure(f"{fmt.upper()} 4-bit", directory, "transformers", round(seconds, 1))
+        directory, label = work / f"demo-{fmt}", f"{fmt.upper()} 4-bit"
+        if label not in done or not directory.exists():
+            # the run itself (not the merged copy) names the training rows to calibrate on: the same merged weights
+            seconds = run(TUNEFORGE + ["export", str(ROOT / args.run), "--format", fmt, "-o", str(directory),
+                                       "--force"])
+        measure(label, directory, "transformers", round(seconds, 1) if label not in done else None)
 
     from tests.unit.test_export_gguf import llama_cpp_quantize
 
@@ -210,12 +231,12 @@ def main() -> None:
         start = time.perf_counter()
         llama_cpp_quantize(work / "demo-f32.gguf", theirs, quant)
         seconds = round(time.perf_counter() - start, 1)
-        same = sha256(theirs) == sha256(work / f"demo-{quant}.gguf")
+        same = same_content(work / f"demo-{quant}.gguf", theirs)
         ours = next(r for r in rows if r["format"] == quant)
         figures = dict(ours) if same else measure(f"{quant} (llama.cpp's quantizer)", theirs, "llama.cpp")
-        reference[quant] = {"identical_file": same, "quantize_s": seconds, "perplexity": figures["perplexity"],
+        reference[quant] = {"same_content": same, "quantize_s": seconds, "perplexity": figures["perplexity"],
                             "exact_match": figures["exact_match"]}
-    if not all(r["identical_file"] for r in reference.values()):
+    if all(r["same_content"] for r in reference.values()):  # the same models: one row each is enough
         rows[:] = [r for r in rows if "llama.cpp's quantizer" not in r["format"]]
     report = table(rows, reference)
     write_report(ROOT / args.out, "quant_quality", report, {"rows": rows, "llama_cpp_quantizer": reference})
@@ -227,7 +248,7 @@ def table(rows: list[dict], reference: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = reference.get(r["format"])
-        theirs = "-" if ref is None else ("byte-identical file" if ref["identical_file"] else
+        theirs = "-" if ref is None else ("the same tensors and metadata" if ref["same_content"] else
                                           f"ppl {ref['perplexity']:.4f}, exact match {ref['exact_match']:.3f}")
         export = "-" if r["export_s"] is None else f"{r['export_s']:.0f} s"
         lines.append(f"| {r['format']} | {r['size_mb']:.0f} MB | {export} | {r['perplexity']:.4f} | "

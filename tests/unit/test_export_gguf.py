@@ -110,7 +110,7 @@ def llama_cpp_greedy(gguf_file: Path, prompts: list[tuple[str, list[int]]], max_
 # llama.cpp's own quantizer (llama_model_quantize, what `llama-quantize` calls), from node-llama-cpp's prebuilt
 # libllama through ctypes. Only the first two fields of its parameter struct are set (nthread, ftype: unchanged
 # across llama.cpp versions); the buffer is larger than any version's struct, which the library fills by value.
-LLAMA_FTYPES = {"q4_0": 2, "q5_0": 8, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama.h enum llama_ftype
+LLAMA_FTYPES = {"q4_0": 2, "q8_0": 7, "q5_0": 8, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama.h enum llama_ftype
 
 
 def llama_cpp_library(name: str):
