@@ -115,3 +115,35 @@ def test_length_grouping_cuts_padding_and_keeps_every_example():
     # packing ignores grouping: a packed row has no padding to save
     assert epoch_steps(lengths, StepPlan(8, 1, packing=True, group_by_length=True, seed=2), 0) == \
         epoch_steps(lengths, plain, 0)
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (8, None), (None, 2.0), (8, 2.0)],
+                         ids=["plain", "window", "softcap", "window-softcap"])
+def test_length_buckets_give_each_examples_own_causal_attention(window, softcap):
+    """Packed attention gathers examples into right-padded length buckets (tuneforge.model.attention): outputs and
+    gradients equal causal attention run on each example alone, with grouped-query heads, a window and Gemma 2's
+    softcap, on a row whose lengths make several buckets (float64: any difference is a layout bug)."""
+    from tuneforge.model import attention
+
+    torch.manual_seed(0)
+    lengths = [30, 5, 13, 9, 40, 2, 1, 17]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    heads, kv_heads, dim, total = 4, 2, 16, bounds[-1]
+    q, k, v = (torch.randn(1, h, total, dim, dtype=torch.float64, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    assert len(attention.BucketLayout(bounds).buckets) > 1
+    bucketed = attention._bucketed_attention(q, k, v, cu, window, softcap, 0.0, dim**-0.5)
+    grad = torch.randn_like(bucketed)
+    got = torch.autograd.grad(bucketed, (q, k, v), grad)
+    k2, v2 = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+    alone = torch.cat([attention._example_attention(q[:, :, s:e], k2[:, :, s:e], v2[:, :, s:e], 0, window, softcap,
+                                                    0.0, dim**-0.5) for s, e in zip(bounds[:-1], bounds[1:])],
+                      dim=2).transpose(1, 2)
+    expected = torch.autograd.grad(alone, (q, k, v), grad)
+    tolerance = 1e-6 if softcap else 1e-12  # the softcap path's softmax runs in float32, as transformers' does
+    assert (bucketed - alone).abs().max() < tolerance
+    for mine, theirs in zip(got, expected):
+        assert (mine - theirs).abs().max() < tolerance

@@ -143,17 +143,7 @@ def _padded_attention(query, keys, values, length, window, softcap, dropout, sca
     visible = at[None, :] <= at[:, None]
     if window is not None:  # transformers' sliding_window_overlay: key j is seen from position i when j > i - W
         visible &= at[None, :] > at[:, None] - window
-    if softcap is None:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, dropout_p=dropout,
-                                              scale=scaling, enable_gqa=groups > 1)
-    if groups > 1:
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=dropout > 0)
-    return torch.matmul(weights, values)
+    return _masked_attention(query, keys, values, visible, softcap, dropout, scaling, groups)
 
 
 def _shared_prompt_attention(query, key, value, pairs, window, softcap, dropout, scaling):
@@ -182,8 +172,18 @@ def _example_attention(query, keys, values, prefix, window, softcap, dropout, sc
     visible = seen <= at
     if window is not None:  # transformers' sliding_window_overlay: key j is seen from position i when j > i - W
         visible &= seen > at - window
+    return _masked_attention(query, keys, values, visible, softcap, dropout, scaling)
+
+
+def _masked_attention(query, keys, values, visible, softcap, dropout, scaling, groups: int = 1):
+    """Attention where `visible` [queries, keys] allows: SDPA, or the eager formula with Gemma 2's softcap (scores,
+    softcap, mask, fp32 softmax: transformers' eager_attention_forward), which SDPA cannot express. `groups`:
+    query heads per key/value head."""
     if softcap is None:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, dropout_p=dropout,
+                                              scale=scaling, enable_gqa=groups > 1)
+    if groups > 1:
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
     scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)

@@ -98,8 +98,10 @@ class FusedGroup:
         a_weight = torch.cat([m.lora_A[ADAPTER].weight for m in self.members]) if len(self.members) > 1 else \
             self.members[0].lora_A[ADAPTER].weight
         b_weight = torch.block_diag(*[m.lora_B[ADAPTER].weight * m.scaling[ADAPTER] for m in self.members])
-        # The base matmul's output is not saved by its backward, so the LoRA term can go into it in place.
-        y = y.addmm_(dropped @ a_weight.t(), b_weight.t())
+        # The base matmul's output is not saved by its backward, so the LoRA term can go into it in place (in its
+        # dtype: under bf16 autocast the base matmul gives bf16, and an in-place op is not autocast).
+        a = dropped @ a_weight.t()
+        y = y.addmm_(a.to(y.dtype), b_weight.t().to(y.dtype))
         if len(self.members) == 1:
             return (y.reshape(*shape, -1),)
         return tuple(part.reshape(*shape, width) for part, width in zip(y.split(self.widths, dim=-1), self.widths))
