@@ -3,6 +3,7 @@ of the best trial of a `tune --budget` search, on two tasks.
 
     .venv/bin/python bench/tune.py                    # both tasks, 30-minute searches (about 1.5 h; run it alone)
     .venv/bin/python bench/tune.py --budget 10m --tasks demo
+    .venv/bin/python bench/tune.py --tasks demo --runs tune+range --add   # (d): is the lr range test worth it?
 
 Tasks (the embedded SmolLM2-135M-Instruct, LoRA):
   demo    `make demo`'s task: name and city out of a sentence, answered as `NAME=...; CITY=...`
@@ -13,6 +14,7 @@ For each task:
   (a) defaults   the run file names only the model, LoRA and the data (every other value: tuneforge's defaults)
   (b) recommend  `tuneforge recommend --data TRAIN --device cpu --gpu-mem <free RAM>`'s run file
   (c) tune       `tuneforge tune` on (b)'s run file for --budget, metric exact_match; its best trial
+  (d) tune+range (c) with --lr-range-test (not run by default)
 (a) and (b) train on the training rows (validation split as their run files say) and are scored on the held-out
 test rows once; (c) searches on a validation split of the training rows and its best trial is scored on the same
 test rows once, at the end (tune --test). Timings are reported, not asserted.
@@ -88,16 +90,18 @@ def free_ram_gib() -> float:
     return psutil.virtual_memory().available / 2**30
 
 
-def one_task(name: str, train: Path, test: Path, work: Path, budget: str) -> dict:
+def one_task(name: str, train: Path, test: Path, work: Path, budget: str, runs: list[str], result: dict,
+             save) -> None:
+    """Fills result[run] for each of `runs` ("defaults", "recommend", "tune", "tune+range"), saving after each."""
     work.mkdir(parents=True, exist_ok=True)
-    result = {}
-    defaults = work / "defaults.yaml"
-    defaults.write_text(yaml.safe_dump({"model": "smollm2-135m-instruct", "method": "lora",
-                                        "output_dir": str(work / "defaults"),
-                                        "data": {"train": str(train), "val_split": 0.1}}))
-    seconds = run(TUNEFORGE + ["train", str(defaults), "--quiet"], work / "defaults.log")
-    result["defaults"] = {"exact_match": exact_match(work / "defaults", test, work), "seconds": seconds}
-    print(f"[{name}] (a) defaults: {result['defaults']}", flush=True)
+    if "defaults" in runs:
+        defaults = work / "defaults.yaml"
+        defaults.write_text(yaml.safe_dump({"model": "smollm2-135m-instruct", "method": "lora",
+                                            "output_dir": str(work / "defaults"),
+                                            "data": {"train": str(train), "val_split": 0.1}}))
+        seconds = run(TUNEFORGE + ["train", str(defaults), "--quiet"], work / "defaults.log")
+        result["defaults"] = {"exact_match": exact_match(work / "defaults", test, work), "seconds": seconds}
+        save(f"[{name}] (a) defaults: {result['defaults']}")
 
     recommended = work / "recommend.yaml"
     run(TUNEFORGE + ["recommend", "--data", str(train), "--device", "cpu", "--gpu-mem", f"{free_ram_gib():.0f}",
@@ -106,35 +110,50 @@ def one_task(name: str, train: Path, test: Path, work: Path, budget: str) -> dic
     config["output_dir"] = str(work / "recommend")
     config.setdefault("data", {})["val_split"] = 0.1
     recommended.write_text(yaml.safe_dump(config))
-    seconds = run(TUNEFORGE + ["train", str(recommended), "--quiet"], work / "recommend.log")
-    result["recommend"] = {"exact_match": exact_match(work / "recommend", test, work), "seconds": seconds,
-                           "config": {k: config["train"].get(k) for k in ("lr", "epochs", "batch_size", "grad_accum")}
-                           | {"lora.r": config.get("lora", {}).get("r")}}
-    print(f"[{name}] (b) recommend: {result['recommend']}", flush=True)
+    if "recommend" in runs:
+        seconds = run(TUNEFORGE + ["train", str(recommended), "--quiet"], work / "recommend.log")
+        result["recommend"] = {"exact_match": exact_match(work / "recommend", test, work), "seconds": seconds,
+                               "config": {k: config["train"].get(k) for k in ("lr", "epochs", "batch_size",
+                                                                              "grad_accum")}
+                               | {"lora.r": config.get("lora", {}).get("r")}}
+        save(f"[{name}] (b) recommend: {result['recommend']}")
 
-    study = work / "study"
-    seconds = run(TUNEFORGE + ["tune", str(recommended), "--budget", budget, "--metric", "exact_match", "--test",
-                               str(test), "--study-dir", str(study), "-o", str(work / "best.yaml")],
-                  work / "tune.log")
-    state = json.loads((study / "tune.json").read_text())
-    best = yaml.safe_load((work / "best.yaml").read_text())
-    trials = sum(1 for _ in (study / "trials").glob("*.yaml"))
-    result["tune"] = {"exact_match": state["test_score"], "seconds": seconds, "trials": trials,
-                      "validation": state["best_value"],
-                      "config": {k: best["train"].get(k) for k in ("lr", "epochs", "warmup_ratio")}
-                      | {"lora.r": best.get("lora", {}).get("r")}}
-    print(f"[{name}] (c) tune: {result['tune']}", flush=True)
-    return result
+    for variant in ("tune", "tune+range"):
+        if variant not in runs:
+            continue
+        study = work / f"study-{variant}"
+        extra = ["--lr-range-test"] if variant == "tune+range" else []
+        seconds = run(TUNEFORGE + ["tune", str(recommended), "--budget", budget, "--metric", "exact_match", "--test",
+                                   str(test), "--study-dir", str(study), "-o", str(work / f"best-{variant}.yaml"),
+                                   *extra], work / f"{variant}.log")
+        state = json.loads((study / "tune.json").read_text())
+        best = yaml.safe_load((work / f"best-{variant}.yaml").read_text())
+        trials = sum(1 for _ in (study / "trials").glob("*.yaml"))
+        result[variant] = {"exact_match": state["test_score"], "seconds": seconds, "trials": trials,
+                           "validation": state["best_value"], "lr_range": state.get("lr_range"),
+                           "config": {k: best["train"].get(k) for k in ("lr", "epochs", "warmup_ratio")}
+                           | {"lora.r": best.get("lora", {}).get("r")}}
+        save(f"[{name}] ({'c' if variant == 'tune' else 'd'}) {variant}: {result[variant]}")
+
+
+COLUMNS = (("defaults", "(a) defaults"), ("recommend", "(b) recommend"), ("tune", "(c) tune {budget} (best trial)"),
+           ("tune+range", "(d) tune {budget} with --lr-range-test"))
 
 
 def table(results: dict, budget: str) -> str:
-    lines = ["| task | (a) defaults | (b) recommend | (c) tune " + budget + " (best trial) | (c) - (b) | tune's "
-             "trials | tune's choice |", "|---|---|---|---|---|---|---|"]
+    shown = [(key, title.format(budget=budget)) for key, title in COLUMNS
+             if any(key in r for r in results.values())]
+    lines = ["| task | " + " | ".join(title for _, title in shown) + " | (c) - (b) | tune's trials | tune's choice |",
+             "|---" * (len(shown) + 4) + "|"]
     for task, r in results.items():
-        gain = 100 * (r["tune"]["exact_match"] - r["recommend"]["exact_match"])
-        choice = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["tune"]["config"].items())
-        lines.append(f"| {task} | {r['defaults']['exact_match']:.3f} | {r['recommend']['exact_match']:.3f} | "
-                     f"{r['tune']['exact_match']:.3f} | {gain:+.1f} points | {r['tune']['trials']} | {choice} |")
+        cells = [f"{r[key]['exact_match']:.3f}" if key in r else "-" for key, _ in shown]
+        gain = f"{100 * (r['tune']['exact_match'] - r['recommend']['exact_match']):+.1f} points" \
+            if "tune" in r and "recommend" in r else "-"
+        trials = " / ".join(str(r[k]["trials"]) for k in ("tune", "tune+range") if k in r) or "-"
+        choice = "; ".join(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in r[key]["config"].items())
+                           for key in ("tune", "tune+range") if key in r) or "-"
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {gain} | {trials} | {choice} |")
     return "\n".join(lines)
 
 
@@ -142,16 +161,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="30m")
     parser.add_argument("--tasks", default="demo,harder")
+    parser.add_argument("--runs", default="defaults,recommend,tune",
+                        help="which of defaults, recommend, tune, tune+range (tune with --lr-range-test) to run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--add", action="store_true", help="add these runs to the results already in --out")
     args = parser.parse_args()
-    results = {}
+    saved = args.out / "tune.json"
+    results: dict[str, dict] = json.loads(saved.read_text())["results"] if args.add and saved.is_file() else {}
+    runs = args.runs.split(",")
+
+    def save(line: str) -> None:  # after every run: a long benchmark cut short keeps what it measured
+        print(line, flush=True)
+        write_report(args.out, "tune", table(results, args.budget),
+                     {"results": results, "budget": args.budget})
+
     with tempfile.TemporaryDirectory(prefix="tuneforge-tune-bench-") as tmp:
         tmp = Path(tmp)
         for task in args.tasks.split(","):
             train, test = (DEMO / "train.jsonl", DEMO / "test.jsonl") if task == "demo" else \
                 harder_task(tmp / "harder-data")
-            results[task] = one_task(task, train, test, tmp / task, args.budget)
-    write_report(args.out, "tune", table(results, args.budget), {"results": results, "budget": args.budget})
+            results.setdefault(task, {})
+            one_task(task, train, test, tmp / task, args.budget, runs, results[task], save)
 
 
 if __name__ == "__main__":

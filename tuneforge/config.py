@@ -215,6 +215,9 @@ class GuardSettings:
         "the best weights that stayed within it.", min=0, min_exclusive=True, resume=MAY_CHANGE)
 
 
+RANGE_START = 1e-4  # the exponential schedule's first rate as a fraction of train.lr: a sweep over four decades
+
+
 @dataclass
 class TrainSettings:
     epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).", min=1, resume=MAY_CHANGE)
@@ -236,7 +239,9 @@ class TrainSettings:
         resume=MAY_CHANGE)
     warmup_ratio: float = _f(0.03, "Fraction of all steps spent warming the learning rate up from 0.", min=0, max=1,
         resume=MAY_CHANGE)
-    scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.",
+    scheduler: Literal["cosine", "linear", "constant", "exponential"] = _f(
+        "cosine", "Learning-rate decay after warmup. exponential: no warmup and no decay, the rate rises geometrically "
+        "from lr / 10,000 to lr over the run (the learning-rate range test `tune --lr-range-test` runs).",
         resume=MAY_CHANGE)
     weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norms).", min=0, resume=MAY_CHANGE)
     adam_eps: float = _f(1e-8, "AdamW's epsilon: gradients far below it get damped updates instead of full-size ones.",

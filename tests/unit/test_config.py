@@ -58,7 +58,7 @@ BAD_CONFIGS = {
     "unknown key": ("train:\n  lr: 1e-4\n  epoch: 3\n", "train.epoch: unknown key", "did you mean 'epochs'"),
     "wrong type": ("train:\n  batch_size: eight\n", "train.batch_size: got 'eight' (str), expected an integer", ""),
     "out of range": ("lora:\n  r: 0\n", "lora.r: got 0, must be >= 1", ""),
-    "bad choice": ("train:\n  scheduler: step\n", "train.scheduler: got 'step', allowed: cosine, linear, constant", ""),
+    "bad choice": ("train:\n  scheduler: step\n", "train.scheduler: got 'step', allowed: cosine, linear, constant, exponential", ""),
     "missing data file": ("data:\n  train: no/such/file.jsonl\n", "data.train: file not found: no/such/file.jsonl", ""),
     "invalid yaml": ("train: [unclosed\n", "invalid YAML", ""),
     "not a mapping": ("- just\n- a list\n", "a run file must be a YAML mapping", ""),

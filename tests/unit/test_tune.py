@@ -128,7 +128,7 @@ def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
     config = run_file(tmp_path, tiny_model_dir, train_rows=48, epochs=2)
     study = tmp_path / "run-tune"
     command = [sys.executable, "-m", "tuneforge", "tune", str(config), "--trials", "2", "--budget", "10m",
-               "--metric", "val_loss", "--evaluations-per-epoch", "4"]
+               "--metric", "val_loss", "--evaluations-per-epoch", "4", "--lr-range-test"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with (tmp_path / "tune.log").open("w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -141,12 +141,26 @@ def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     first_metrics = (study / "trials" / "0000" / "metrics.jsonl").read_bytes()
+    range_metrics = (study / "lr-range" / "metrics.jsonl").read_bytes()
     _wait_for_exit(second)  # the orphaned trial got SIGTERM: it checkpoints and stops
     assert json.loads((second / "status.json").read_text())["state"] in ("stopped", "running")
 
     done = run_cli("tune", str(config), "--trials", "2", "--budget", "10m", "--metric", "val_loss",
-                   "--evaluations-per-epoch", "4", "--resume")
+                   "--evaluations-per-epoch", "4", "--lr-range-test", "--resume")
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    # The range test ran once, before the trials, rising geometrically around recommend's lr; the resumed study
+    # reused its range (not rerun), and every trial sampled its lr inside it.
+    assert (study / "lr-range" / "metrics.jsonl").read_bytes() == range_metrics
+    found = json.loads((study / "tune.json").read_text())["lr_range"]
+    from tuneforge.plan.recommend import LR_BY_METHOD
+    from tuneforge.tune.lr_range import RANGE_STEPS, loss_curve
+
+    lrs = [lr for lr, _ in loss_curve(study / "lr-range")]
+    table_lr = LR_BY_METHOD["lora"][0]
+    assert len(lrs) == RANGE_STEPS and all(b > a for a, b in zip(lrs, lrs[1:]))
+    assert (lrs[0], lrs[-1]) == (pytest.approx(table_lr / 100, rel=1e-6), pytest.approx(table_lr * 100, rel=1e-6))
+    for trial_file in sorted((study / "trials").glob("*.yaml")):
+        assert found["low"] <= yaml.safe_load(trial_file.read_text())["train"]["lr"] <= found["high"]
     assert (study / "trials" / "0000" / "metrics.jsonl").read_bytes() == first_metrics  # not rerun
     events = [r.get("event") for r in map(json.loads, (second / "metrics.jsonl").read_text().splitlines())]
     assert "resume" in events  # continued from its checkpoint, not started over
@@ -194,3 +208,40 @@ def test_the_dashboard_shows_trials_as_runs_with_the_best_highlighted(tmp_path):
     rows = {run.name: run_summary(tmp_path / "runs", run) for run in find_runs(tmp_path / "runs")}
     assert rows["0001"]["study"] == {"study": "demo-tune", "metric": "exact_match", "best": True}
     assert rows["0000"]["study"]["best"] is False
+
+
+def test_the_exponential_schedule_sweeps_four_decades_geometrically():
+    from tuneforge.config import TrainSettings
+    from tuneforge.train.optim import lr_at
+
+    train = TrainSettings(lr=1e-2, scheduler="exponential", warmup_ratio=0.1)  # no warmup: the sweep starts low
+    rates = [lr_at(step, 9, train) for step in range(9)]
+    assert rates[0] == pytest.approx(1e-6) and rates[-1] == pytest.approx(1e-2)
+    assert all(b / a == pytest.approx(10 ** 0.5) for a, b in zip(rates, rates[1:]))
+
+
+def _curve(losses: list[float]) -> list[tuple[float, float]]:
+    return [(1e-6 * 10 ** (4 * i / (len(losses) - 1)), loss) for i, loss in enumerate(losses)]
+
+
+def test_the_range_test_moves_the_lr_range_under_the_lowest_smoothed_loss():
+    from tuneforge.tune.lr_range import NARROWED_SPAN, narrowed_range
+
+    # Flat, then falling, lowest at step 30 of 40 (lr 1e-3), then diverging to NaN: the range tops out at a third of
+    # 1e-3 (a single noisy low step does not move it: the loss is smoothed).
+    losses = [2.0] * 10 + [2.0 - 0.06 * i for i in range(1, 21)] + [0.8 + 0.5 * i ** 2 for i in range(8)] + \
+        [float("nan")] * 2
+    losses[12] = 0.1
+    found = narrowed_range(_curve(losses), 5e-5, 8e-4)
+    lowest_lr = 1e-6 * 10 ** (4 * 30 / 39)
+    assert found.high == pytest.approx(lowest_lr / 3) and found.low == pytest.approx(found.high / NARROWED_SPAN)
+    assert "bottomed out" in found.why
+
+    still_falling = narrowed_range(_curve([3.0 - 0.05 * i for i in range(40)]), 5e-5, 8e-4)
+    assert still_falling.high == pytest.approx(1e-2 / 3) and "still falling" in still_falling.why
+
+    # A curve that never falls, or one too short to read, keeps recommend's range and says why.
+    for losses, reason in (([2.0 + 0.01 * i for i in range(40)], "never fell"), ([2.0, 1.0, float("nan")] * 2,
+                                                                                  "only 4 steps")):
+        kept = narrowed_range(_curve(losses), 5e-5, 8e-4)
+        assert (kept.low, kept.high) == (5e-5, 8e-4) and reason in kept.why

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tuneforge.config import TrainSettings
+from tuneforge.config import RANGE_START, TrainSettings
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainSettings) -> torch.optim.AdamW:
@@ -29,7 +29,10 @@ def warmup_steps(train: TrainSettings, total_steps: int) -> int:
 
 
 def lr_at(step: int, total_steps: int, train: TrainSettings) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup to `lr`, then the chosen decay to 0."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup to `lr`, then the chosen decay to 0; or, for
+    "exponential", a geometric rise from lr x RANGE_START at the first step to lr at the last (a range test)."""
+    if train.scheduler == "exponential":
+        return train.lr * RANGE_START ** (1.0 - step / max(1, total_steps - 1))
     warm = warmup_steps(train, total_steps)
     if step < warm:
         return train.lr * (step + 1) / warm

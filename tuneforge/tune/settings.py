@@ -29,6 +29,10 @@ class TuneSettings:
     evaluations_per_epoch: int = setting(2, "Evaluations a trial makes per epoch: what the pruner compares.", min=1)
     patience: int = setting(2, "Evaluations without a new best before a trial stops early (keeping its best).",
                             min=1)
+    lr_range_test: bool = setting(
+        False, "Before the trials, one short run with the learning rate rising over four decades; the search's lr "
+               "range is moved under the rate where its loss stopped falling (off by default: see the README's "
+               "tune benchmark for what it gave).")
     seed: int = setting(42, "Seed of the sampler (each trial keeps the run file's train.seed).")
 
 

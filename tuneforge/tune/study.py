@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tuneforge.config import RunConfig, load_config, validate_for_training
+from tuneforge.config import RANGE_START, RunConfig, load_config, validate_for_training
 from tuneforge.errors import ConfigError, UserError
 from tuneforge.tune.settings import TuneSettings, budget_seconds
 from tuneforge.tune.space import SearchSpace, default_space, load_space
@@ -56,6 +56,10 @@ def run_study(config_path: str, overrides: list[str], settings: TuneSettings, re
     cfg, train_rows = _held_out_split(cfg, settings, study_dir)
     space = (load_space(settings.space, config_path, overrides, _method_fits(cfg)) if settings.space
              else default_space(cfg, train_rows))
+    clock = _Clock(study_dir, state, budget)
+    base = cfg.to_dict()
+    if settings.lr_range_test:
+        space = _range_tested(space, base, study_dir, clock)
     steps_per_epoch = max(1, math.ceil(train_rows / (cfg.train.batch_size * cfg.train.grad_accum)))
     eval_every = max(1, steps_per_epoch // settings.evaluations_per_epoch)
     maximise = settings.metric != "val_loss"
@@ -72,8 +76,6 @@ def run_study(config_path: str, overrides: list[str], settings: TuneSettings, re
          f"{f', at most {settings.trials} trials' if settings.trials else ''}; space ({space.source}): "
          + "; ".join(d.describe() for d in space.dimensions))
 
-    clock = _Clock(study_dir, state, budget)
-    base = cfg.to_dict()
     while clock.left() > 0 and (settings.trials is None or _finished(study) < settings.trials):
         trial = study.ask()
         values = space.overrides({d.key: d.suggest(trial) for d in space.dimensions})
@@ -87,6 +89,30 @@ def run_study(config_path: str, overrides: list[str], settings: TuneSettings, re
         _say(live_line(trial.number, values, outcome, settings.metric, _best_value(study)))
     clock.write()
     return _finish(study, study_dir, cfg, config_path, overrides, space, settings)
+
+
+def _range_tested(space: SearchSpace, base: dict, study_dir: Path, clock: "_Clock") -> SearchSpace:
+    """The space with train.lr's range narrowed by the learning-rate range test (run once per study: a resumed
+    study reads its result back from tune.json, so every trial of a study samples the same range)."""
+    import dataclasses
+
+    from tuneforge.tune.lr_range import SWEEP_ABOVE, LrRange, run_range_test
+
+    dim = next((d for d in space.dimensions if d.key == "train.lr"), None)
+    if dim is None or dim.choices or not dim.log:
+        _say("lr range test skipped: the space has no log range for train.lr")
+        return space
+    if clock.state.get("lr_range"):
+        found = LrRange(**clock.state["lr_range"])
+    else:
+        centre = math.sqrt(dim.low * dim.high)
+        _say(f"lr range test: lr rising from {centre * SWEEP_ABOVE * RANGE_START:.3g} to {centre * SWEEP_ABOVE:.3g}")
+        found = run_range_test(base, study_dir, centre, dim.low, dim.high, clock.deadline(), clock.tick)
+        clock.state["lr_range"] = found.to_dict()
+        clock.write()
+    _say(found.why)
+    narrowed = dataclasses.replace(dim, low=found.low, high=found.high, why=found.why)
+    return dataclasses.replace(space, dimensions=[narrowed if d is dim else d for d in space.dimensions])
 
 
 class _Clock:
