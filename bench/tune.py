@@ -91,8 +91,9 @@ def free_ram_gib() -> float:
 
 
 def one_task(name: str, train: Path, test: Path, work: Path, budget: str, runs: list[str], result: dict,
-             save) -> None:
-    """Fills result[run] for each of `runs` ("defaults", "recommend", "tune", "tune+range"), saving after each."""
+             save, out: Path) -> None:
+    """Fills result[run] for each of `runs` ("defaults", "recommend", "tune", "tune+range"), saving after each; each
+    study's report (every trial's values, metric, state and time) is kept as out/tune-TASK-VARIANT.md."""
     work.mkdir(parents=True, exist_ok=True)
     if "defaults" in runs:
         defaults = work / "defaults.yaml"
@@ -127,6 +128,8 @@ def one_task(name: str, train: Path, test: Path, work: Path, budget: str, runs: 
                                    str(test), "--study-dir", str(study), "-o", str(work / f"best-{variant}.yaml"),
                                    *extra], work / f"{variant}.log")
         state = json.loads((study / "tune.json").read_text())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"tune-{name}-{variant}.md").write_text((study / "report.md").read_text(), encoding="utf-8")
         best = yaml.safe_load((work / f"best-{variant}.yaml").read_text())
         trials = sum(1 for _ in (study / "trials").glob("*.yaml"))
         result[variant] = {"exact_match": state["test_score"], "seconds": seconds, "trials": trials,
@@ -181,7 +184,7 @@ def main() -> None:
             train, test = (DEMO / "train.jsonl", DEMO / "test.jsonl") if task == "demo" else \
                 harder_task(tmp / "harder-data")
             results.setdefault(task, {})
-            one_task(task, train, test, tmp / task, args.budget, runs, results[task], save)
+            one_task(task, train, test, tmp / task, args.budget, runs, results[task], save, args.out)
 
 
 if __name__ == "__main__":
