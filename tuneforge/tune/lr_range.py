@@ -4,8 +4,9 @@ step, and the search's lr range moved under the rate where that loss stopped fal
 
 Why: the table's rate can be off by more than the default range's factor of 4 either way for a given model and
 data; one run of RANGE_STEPS steps shows where learning starts and where it breaks down, at the cost of RANGE_STEPS
-optimizer steps of the run's batch (with recommend's batch of 32 on the demo: about one trial, 2.5 minutes). The loss is smoothed (an exponential moving average, bias-corrected) because a step's loss
-depends on its few examples as much as on the rate. Past the lowest smoothed loss the rate is already too high
+optimizer steps of the run's batch (with recommend's batch of 32 on the demo: about one trial, 2.5 minutes). The
+loss is smoothed (an exponential moving average, bias-corrected) because a step's loss depends on its few examples
+as much as on the rate. Past the lowest smoothed loss the rate is already too high
 for the run (later steps also saw more data, which favours high rates, so the minimum sits above the best rate):
 the narrowed range tops out at a third of it and spans NARROWED_SPAN.
 """
