@@ -13,7 +13,7 @@ from tests.conftest import run_cli, write_jsonl
 from tuneforge.data.convert import convert_file
 from tuneforge.data.formats import load_examples
 from tuneforge.data.split import split_file
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, UserError
 
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "category": "maths"},
@@ -98,3 +98,60 @@ def test_split_cli_without_test_and_missing_by_field(tmp_path):
     assert re.search(r"^val +10 rows -> .*all.val.jsonl$", result.stdout, re.M), result.stdout
     with pytest.raises(DataError, match=r"all.jsonl:1: missing field 'topic' \(--by\)"):
         split_file(str(src), val=0.1, by="topic", out_dir=str(tmp_path / "x"))
+
+
+FIRST = [a + b for a in ("Ka", "Lo", "Mi", "Ru", "Se", "To") for b in ("ran", "vik", "mel", "dor", "sa")]
+LAST = [a + b for a in ("Ber", "Cas", "Dun", "Fol", "Gar") for b in ("ton", "ley", "ski", "ova", "ez", "ard")]
+CITIES = [a + b for a in ("Por", "Vel", "Ash", "Bri", "Cor") for b in ("ia", "ton", "burg", "mar", "ado", "ville")]
+
+
+def named_rows(n: int = 200, chat: bool = False) -> list[dict]:
+    import random
+
+    rng = random.Random(5)
+    out = []
+    for i in range(n):
+        name, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
+        question, answer = f"{name} moved to {city} (row {i}).", f"NAME={name}; CITY={city}"
+        out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+                   if chat else {"instruction": "Extract the name and city.", "input": question, "output": answer})
+    return out
+
+
+def answer_words_of(row: dict) -> set[str]:
+    answer = row["messages"][-1]["content"] if "messages" in row else row["output"]
+    return set(re.findall(r"\w+", answer.lower()))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_unseen_answers_split_holds_out_words_no_training_answer_holds(tmp_path, chat):
+    """Every held-out row's answer names something (a first name, a surname, a city) that no training answer names,
+    as a test set of new people and places does; a random split shares them with training (asserted too)."""
+    src = write_jsonl(tmp_path / "all.jsonl", named_rows(chat=chat))
+    result = split_file(str(src), val=0.2, test=0.1, seed=3, unseen_answers=True)
+    parts = {name: read(path) for name, path in result.outputs.items()}
+    assert sum(len(rows) for rows in parts.values()) == 200
+    seen = set().union(*(answer_words_of(row) for row in parts["train"]))
+    for name, share in (("val", 0.2), ("test", 0.1)):
+        assert abs(len(parts[name]) - 200 * share) <= 0.1 * 200 * share, (name, len(parts[name]))
+        assert all(answer_words_of(row) - seen for row in parts[name]), name
+    again = split_file(str(src), val=0.2, test=0.1, seed=3, unseen_answers=True, out_dir=str(tmp_path / "again"))
+    assert read(again.outputs["val"]) == parts["val"]  # seeded
+
+    plain = split_file(str(src), val=0.2, seed=3, out_dir=str(tmp_path / "random"))
+    seen_randomly = set().union(*(answer_words_of(row) for row in read(plain.outputs["train"])))
+    shares = [bool(answer_words_of(row) - seen_randomly) for row in read(plain.outputs["val"])]
+    assert sum(shares) < len(shares) / 2  # most random validation rows name only what training named
+
+
+def test_unseen_answers_split_refuses_answers_that_share_every_word(tmp_path):
+    colours = [{"instruction": f"Colour number {i}?", "output": ["red", "green"][i % 2]} for i in range(40)]
+    src = write_jsonl(tmp_path / "all.jsonl", colours)  # two answers in all, each in half the rows: none held out
+    with pytest.raises(DataError, match=r"all.jsonl: --unseen-answers found words for only 0 of the 8 rows --val"):
+        split_file(str(src), val=0.2, unseen_answers=True)
+    with pytest.raises(UserError, match="--by and --unseen-answers"):
+        split_file(str(write_jsonl(tmp_path / "c.jsonl", categorised())), val=0.2, by="category", unseen_answers=True)
+    done = run_cli("data", "split", str(write_jsonl(tmp_path / "named.jsonl", named_rows())), "--val", "0.2",
+                   "--unseen-answers")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^val +(3[6-9]|4[0-4]) rows -> .*named.val.jsonl$", done.stdout, re.M), done.stdout

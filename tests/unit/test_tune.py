@@ -245,3 +245,90 @@ def test_the_range_test_moves_the_lr_range_under_the_lowest_smoothed_loss():
                                                                                   "only 4 steps")):
         kept = narrowed_range(_curve(losses), 5e-5, 8e-4)
         assert (kept.low, kept.high) == (5e-5, 8e-4) and reason in kept.why
+
+
+def test_unseen_answers_makes_the_validation_split_by_answer_word(tiny_model_dir, tmp_path):
+    """tune --unseen-answers: the trials validate on rows whose answers hold words no training row's answer holds
+    (the split itself is tested in test_data_convert_split.py); with data.val given it is refused in one line."""
+    from tests.unit.test_data_convert_split import answer_words_of, named_rows
+    from tuneforge.errors import ConfigError
+    from tuneforge.tune.settings import TuneSettings
+    from tuneforge.tune.study import _held_out_split, validation_source
+
+    named = write_jsonl(tmp_path / "named.jsonl", named_rows())
+    cfg = load_config(run_file(tmp_path, tiny_model_dir), [f"data.train={named}"])
+    settings = TuneSettings(unseen_answers=True)
+    held, train_rows = _held_out_split(cfg, settings, tmp_path / "study")
+    train = [json.loads(line) for line in Path(held.data.train).read_text().splitlines()]
+    val = [json.loads(line) for line in Path(held.data.val).read_text().splitlines()]
+    seen = set().union(*map(answer_words_of, train))
+    assert train_rows == len(train) and len(val) in range(45, 56)  # data.val_split 0.25 of 200
+    assert all(answer_words_of(row) - seen for row in val)
+    assert "held out by answer word" in validation_source(cfg, settings)
+    with pytest.raises(ConfigError, match="--unseen-answers shapes the split tune makes; this run file names data.val"):
+        _held_out_split(load_config(overrides=[f"model={tiny_model_dir}", f"data.train={held.data.train}",
+                                               f"data.val={held.data.val}"]), settings, tmp_path / "other")
+
+
+def _trial(number: int, value: float, val_loss: float | None, state: str = "COMPLETE"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(number=number, value=value, state=SimpleNamespace(name=state),
+                           user_attrs={} if val_loss is None else {"val_loss": val_loss})
+
+
+def test_a_saturated_metric_picks_the_tied_trial_with_the_lowest_validation_loss():
+    from tuneforge.tune.study import best_of
+
+    trials = [_trial(0, 0.5, 0.9), _trial(1, 1.0, 0.40), _trial(2, 1.0, 0.25), _trial(3, 1.0, 0.30),
+              _trial(4, 2.0, 0.1, state="PRUNED")]
+    assert best_of(trials, maximise=True).number == 2  # Optuna's own best_trial: 1, the earliest of the tie
+    assert best_of(trials[:1] + [_trial(1, 1.0, None), _trial(2, 1.0, 0.3)], maximise=True).number == 2
+    assert best_of(trials, maximise=False).number == 0
+    assert best_of([_trial(0, 1.0, 0.1, state="FAIL")], maximise=True) is None
+
+
+def test_no_trial_is_pruned_before_the_end_of_its_first_epoch():
+    """An exact-match trial still at 0 at its first evaluation (the format not yet learned) runs on; at the end of
+    its first epoch, worse than the median of the earlier trials, it is pruned."""
+    import optuna
+
+    from tuneforge.tune.study import pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=pruner(first_epoch_step=8))
+    for _ in range(2):  # the two startup trials, which learn by step 4
+        trial = study.ask()
+        for step, value in ((4, 0.5), (8, 0.8), (12, 0.9)):
+            trial.report(value, step)
+        study.tell(trial, 0.9)
+    slow = study.ask()
+    slow.report(0.0, 4)
+    assert not slow.should_prune()
+    slow.report(0.1, 8)
+    assert slow.should_prune()
+
+
+def test_a_range_test_stopped_by_the_budget_keeps_recommends_range(tmp_path, monkeypatch):
+    """A test cut short saw only the low rates: narrowing from its partial curve would move the range far below the
+    best rate (seen on the demo: 7e-6..6e-5 from a test that reached 1.8e-4), so the default range is kept."""
+    from tuneforge import run_dir as layout
+    from tuneforge.tune import lr_range, trials
+
+    def stopped_early(config, run_dir, *args, **kwargs):
+        run_dir.mkdir(parents=True)
+        for step, (lr, loss) in enumerate(_curve([3.0 - 0.05 * i for i in range(40)])[:15], start=1):
+            layout.append_metrics(run_dir, {"step": step, "lr": lr, "loss": loss})
+        return trials.TrialOutcome("pruned", None, reason="pruned: the budget ended")
+
+    monkeypatch.setattr(trials, "run_trial", stopped_early)
+    found = lr_range.run_range_test({"train": {}}, tmp_path, 2e-4, 5e-5, 8e-4, deadline=0.0, on_poll=lambda: None)
+    assert (found.low, found.high) == (5e-5, 8e-4) and "stopped by the budget after 15 of 40 steps" in found.why
+    assert narrow_without_the_guard(tmp_path) != (5e-5, 8e-4)  # what the partial curve alone would have given
+
+
+def narrow_without_the_guard(study: Path) -> tuple[float, float]:
+    from tuneforge.tune.lr_range import TEST_DIR, loss_curve, narrowed_range
+
+    found = narrowed_range(loss_curve(study / TEST_DIR), 5e-5, 8e-4)
+    return found.low, found.high

@@ -61,7 +61,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     from tuneforge.data.split import split_file
 
     with _writing(f"{args.file} split"):
-        result = split_file(args.file, args.val, args.test, args.by, args.seed, args.out_dir)
+        result = split_file(args.file, args.val, args.test, args.by, args.seed, args.out_dir, args.unseen_answers)
     for name, path in result.outputs.items():
         line = f"{name:<5} {result.counts.get(name, 0):>9,} rows -> {path}"
         if result.by_class:
@@ -137,6 +137,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--val", type=float, required=True, help="fraction of rows for validation, e.g. 0.1")
     p.add_argument("--test", type=float, default=0.0, help="fraction of rows for test (default: no test file)")
     p.add_argument("--by", help="stratify by this field, e.g. category")
+    p.add_argument("--unseen-answers", action="store_true",
+                   help="hold rows out by answer word: no training answer holds a word of the held-out rows' chosen "
+                        "words (names, places, values), for tests whose answers name what training never saw")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out-dir", help="where to write FILE.train/.val/.test.jsonl (default: beside FILE)")
     p.set_defaults(func=cmd_split)

@@ -29,5 +29,6 @@ def add_parsers(sub) -> None:
         add_option(p, TuneSettings, name)
     add_option(p, TuneSettings, "output", "-o", "--output")
     add_option(p, TuneSettings, "lr_range_test", action=argparse.BooleanOptionalAction)
+    add_option(p, TuneSettings, "unseen_answers", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue the study in --study-dir after an interruption")
     p.set_defaults(func=cmd_tune)

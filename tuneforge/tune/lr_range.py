@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge import run_dir as layout
-from tuneforge.config import RANGE_START
 
 RANGE_STEPS = 40  # optimizer steps of the test run
 SMOOTHING = 0.9  # the moving average's weight on the past
@@ -103,6 +102,10 @@ def run_range_test(base: dict, study_dir: Path, centre_lr: float, default_low: f
     config = range_test_config(base, run_dir, centre_lr)
     outcome = run_trial(config, run_dir, "val_loss", deadline, lambda value, step: None, lambda: False,
                         on_poll=on_poll)
+    if outcome.state == "pruned":  # stopped by the budget: a partial curve never reached the high rates
+        steps = len(loss_curve(run_dir))
+        return LrRange(default_low, default_high, f"range test stopped by the budget after {steps} of {RANGE_STEPS} "
+                                                  "steps; kept recommend's range")
     found = narrowed_range(loss_curve(run_dir), default_low, default_high)
     if outcome.state == "failed" and found.low == default_low and found.high == default_high:
         return LrRange(default_low, default_high, f"range test failed ({outcome.reason}); kept recommend's range")

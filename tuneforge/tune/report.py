@@ -45,16 +45,21 @@ def _fmt(value) -> str:
 
 
 def write_report(path: Path, rows: list[dict], space: SearchSpace, settings, best_trial, test_score,
-                 best_file) -> str:
+                 best_file, held_out: str) -> str:
     best_number = best_trial.number if best_trial is not None else None
     lines = [f"# tune: {len(rows)} trials, {settings.metric} on the validation rows (budget {settings.budget})", "",
+             f"Validation rows: {held_out}; the trials train on the rest.", "",
              f"Space ({space.source}): " + "; ".join(d.describe() for d in space.dimensions), "",
              table(rows, settings.metric, best_number), ""]
     if best_trial is None:
         lines.append("No trial finished inside the budget: give it more time (--budget) or fewer epochs.")
     else:
-        lines.append(f"Best: trial {best_number}, {settings.metric} {best_trial.value:.4f} on the validation rows; "
-                     f"run file {best_file}.")
+        loss = best_trial.user_attrs.get("val_loss")
+        ties = sum(1 for r in rows if r["state"] == "complete" and r["value"] == best_trial.value) - 1
+        tie_note = (f" ({ties} other finished trial{'s' if ties > 1 else ''} reached it too: the lowest validation "
+                    f"loss, {loss:.4f}, breaks the tie)" if ties > 0 and loss is not None else "")
+        lines.append(f"Best: trial {best_number}, {settings.metric} {best_trial.value:.4f} on the validation rows"
+                     f"{tie_note}; run file {best_file}.")
     if test_score is not None:
         lines.append(f"Test ({settings.test}): {settings.metric if settings.metric != 'val_loss' else 'perplexity'} "
                      f"{test_score:.4f}, scored once, on the best trial only; the search never saw these rows.")

@@ -24,6 +24,10 @@ class TuneSettings:
                                       "{low, high, log}; replaces the default space from recommend.")
     test: str | None = setting(None, "Held-out test rows, scored once at the end on the best trial only.")
     by: str | None = setting(None, "Field to stratify the validation split by (with data.val_split).")
+    unseen_answers: bool = setting(
+        False, "Make the validation split by answer word (with data.val_split): no training answer holds the "
+               "held-out words, so the search rewards configurations that answer for names and values training "
+               "never showed, as a test set of new ones asks (a random split shares them and rewards memorising).")
     study_dir: str | None = setting(None, "Where the study lives (default: the run file's output_dir + '-tune').")
     output: str | None = setting(None, "Write the best run file here (default: STUDY_DIR/best.yaml).")
     evaluations_per_epoch: int = setting(2, "Evaluations a trial makes per epoch: what the pruner compares.", min=1)

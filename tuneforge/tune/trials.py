@@ -34,6 +34,7 @@ class TrialOutcome:
     evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, value) in order
     seconds: float = 0.0
     reason: str = ""  # pruned: by whom; failed: the error's first line
+    val_loss: float | None = None  # validation loss at the best evaluation (the study's tie-break)
 
 
 def metric_key(metric: str) -> str:
@@ -105,12 +106,21 @@ def run_trial(config: dict, run_dir: Path, metric: str, deadline: float, report,
             report(value, step)
     seconds = time.monotonic() - started
     best = _best([v for _, v in evaluations], maximise)
+    loss = val_loss_at(run_dir, next(step for step, v in evaluations if v == best)) if best is not None else None
     code = process.returncode
     if stopped:  # ours to stop: checkpointed (75), or killed by the signal before its loop could catch it
-        return TrialOutcome("pruned", best, evaluations, seconds, stopped)
+        return TrialOutcome("pruned", best, evaluations, seconds, stopped, loss)
     if code == 0:
-        return TrialOutcome("complete", best, evaluations, seconds)
-    return TrialOutcome("failed", best, evaluations, seconds, failure_reason(run_dir, code))
+        return TrialOutcome("complete", best, evaluations, seconds, val_loss=loss)
+    return TrialOutcome("failed", best, evaluations, seconds, failure_reason(run_dir, code), loss)
+
+
+def val_loss_at(run_dir: Path, step: int) -> float | None:
+    """The validation loss the run logged at `step`'s evaluation (the first best one: the weights the loop kept)."""
+    for record in layout.read_metrics(run_dir):
+        if record.get("step") == step and isinstance(record.get("val_loss"), (int, float)):
+            return float(record["val_loss"])
+    return None
 
 
 def new_evaluations(run_dir: Path, key: str, seen: list[tuple[int, float]]) -> list[tuple[int, float]]:
