@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import EMBEDDED, ROOT, free_port, wait_until_serving
+from tests.conftest import EMBEDDED, ROOT, free_port, read_gguf, wait_until_serving
 from tests.unit.test_export_gguf import (LLAMA_CPP_RUNNER, Greedy, assert_llama_cpp_matches, llama_cpp_greedy,
                                          needs_llama_cpp, transformers_greedy)
 
@@ -115,10 +115,9 @@ def test_merged_logits_equal_adapter_on_base(demo_dir, merged, merged_model, pro
 
 
 def test_gguf_reads_back_with_the_merged_tensors_metadata_tokenizer_and_template(gguf_f32, merged_model, tokenizer):
-    from gguf import GGUFReader
 
     config, state = merged_model.config, merged_model.state_dict()
-    reader = GGUFReader(gguf_f32)
+    reader = read_gguf(gguf_f32)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     assert meta["general.architecture"] == "llama"
     assert meta["llama.block_count"] == config.num_hidden_layers == 30

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli, tiny_llama_config
+from tests.conftest import ROOT, read_gguf, run_cli, tiny_llama_config
 from tests.unit.test_merge import IDS, make_lora_run
 
 NODE_LLAMA_CPP = Path(os.environ.get("TUNEFORGE_NODE_LLAMA_CPP", ROOT / ".venv" / "node-llama-cpp"))
@@ -230,11 +230,10 @@ def fields(reader) -> dict:
 
 
 def test_metadata_tokenizer_and_chat_template_round_trip(exported, tiny_model_dir, tokenizer):
-    from gguf import GGUFReader
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    meta = fields(GGUFReader(exported["f32"]))
+    meta = fields(read_gguf(exported["f32"]))
     assert meta["general.architecture"] == "llama"
     assert meta["llama.block_count"] == config.num_hidden_layers
     assert meta["llama.embedding_length"] == config.hidden_size
@@ -253,7 +252,7 @@ def test_metadata_tokenizer_and_chat_template_round_trip(exported, tiny_model_di
 
 
 def test_tensors_round_trip_in_every_quant(exported, tiny_model_dir):
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
     from transformers import AutoModelForCausalLM
 
@@ -267,7 +266,7 @@ def test_tensors_round_trip_in_every_quant(exported, tiny_model_dir):
     tolerance = {"f32": 0.0, "f16": 1e-3, "q8_0": 2e-2}
     weight_bytes = {}
     for quant, path in exported.items():
-        tensors = {t.name: t for t in GGUFReader(path).tensors}  # one read per file: parsing the vocabulary is slow
+        tensors = {t.name: t for t in read_gguf(path).tensors}  # one read per file: parsing the vocabulary is slow
         weight_bytes[quant] = sum(int(t.n_bytes) for t in tensors.values())
         assert len(tensors) == 2 * 9 + 2  # 9 per block, embeddings, final norm; tied output: no output.weight
         for name, reference in expected.items():
@@ -459,7 +458,7 @@ def test_model_from_a_k_quant_gguf_is_the_model_llama_cpp_runs(tokenizer, tmp_pa
     tokenizer.save_pretrained(source)
     quantized = llama_cpp_quantize(export_gguf(str(source), tmp_path / "f32.gguf", "f32"), tmp_path / "q4km.gguf",
                                    "q4_k_m")
-    tensors = {t.name: t for t in gguf.GGUFReader(quantized).tensors}
+    tensors = {t.name: t for t in read_gguf(quantized).tensors}
     kinds = {t.tensor_type.name for t in tensors.values()}
     assert {"Q4_K", "Q6_K"} <= kinds, kinds  # llama.cpp's Q4_K_M mix: Q6_K for the embeddings and some ffn_down
 

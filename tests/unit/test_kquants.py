@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_llama_config
+from tests.conftest import read_gguf, tiny_llama_config
 from tests.unit.test_export_gguf import LLAMA_CPP_TEXTS, llama_cpp_greedy, llama_cpp_library, llama_cpp_quantize, \
     needs_llama_cpp
 from tuneforge.deploy.kquants import BLOCK_BYTES, quantize
 
 KINDS = ("q4_k", "q5_k", "q6_k")
+VOCAB = 70 * 256  # > 17446, the largest id of the prompts the exports run
 
 
 def llama_cpp_blocks(values: np.ndarray, kind: str) -> np.ndarray:
@@ -80,12 +81,15 @@ def test_k_quant_exports_are_the_files_llama_cpp_would_write(hidden, quants, tok
     quantization of the f32 export: 8 layers, so the _M mixes give attn_v and ffn_down of layers 0, 3, 6 and 7
     Q6_K; 96-wide rows take llama.cpp's fallbacks (Q5_0, Q5_1, Q8_0) as SmolLM2's 576-wide ones do. llama.cpp then
     runs the file."""
-    import gguf
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tuneforge.deploy.gguf_export import export_gguf
 
-    values = tiny_llama_config(len(tokenizer)).to_dict()
+    # The embedding matrix keeps the first VOCAB of the tokenizer's 49152 rows (every id the prompts below use): the
+    # same blocks and tensor types, without quantizing and parsing 31k rows nothing reads.
+    prompts = [(text, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in LLAMA_CPP_TEXTS[:2]]
+    assert max(i for _, ids in prompts for i in ids) < VOCAB
+    values = tiny_llama_config(VOCAB).to_dict()
     values.update(hidden_size=hidden, intermediate_size=2 * hidden, head_dim=hidden // 4, num_hidden_layers=8,
                   initializer_range=0.2)
     torch.manual_seed(3)
@@ -93,12 +97,11 @@ def test_k_quant_exports_are_the_files_llama_cpp_would_write(hidden, quants, tok
     AutoModelForCausalLM.from_config(LlamaConfig(**values)).save_pretrained(source)
     tokenizer.save_pretrained(source)
     f32 = export_gguf(str(source), tmp_path / "f32.gguf", "f32")
-    prompts = [(text, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in LLAMA_CPP_TEXTS[:2]]
     for quant in quants:
         ours = export_gguf(str(source), tmp_path / f"ours-{quant}.gguf", quant)
         theirs = llama_cpp_quantize(f32, tmp_path / f"llama-{quant}.gguf", quant)
-        ours_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-        theirs_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+        ours_tensors = {t.name: t for t in read_gguf(ours).tensors}
+        theirs_tensors = {t.name: t for t in read_gguf(theirs).tensors}
         assert ours_tensors.keys() == theirs_tensors.keys()
         for name, tensor in theirs_tensors.items():
             assert ours_tensors[name].tensor_type == tensor.tensor_type, (quant, name)

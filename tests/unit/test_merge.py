@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import read_gguf, run_cli
 
 IDS = torch.tensor([[1, 520, 9531, 198, 42, 2, 198, 1, 4093, 17, 305]])
 
@@ -174,7 +174,6 @@ def test_merge_keeps_the_end_of_turn_id_for_every_runtime(tiny_model_dir, tmp_pa
     """A base whose generation_config names only its own end-of-text id (1 here, as Llama 3's names
     <|end_of_text|>) while training ended every answer with the tokenizer's end of turn (<|im_end|>, id 2): the
     merged model's generation_config stops at both (transformers, vLLM), and its GGUF names 2 as end of turn."""
-    from gguf import GGUFReader
     from transformers import GenerationConfig
 
     from tuneforge.deploy.gguf_export import export_gguf
@@ -184,7 +183,7 @@ def test_merge_keeps_the_end_of_turn_id_for_every_runtime(tiny_model_dir, tmp_pa
     out = merge_run(make_lora_run(base, tmp_path / "run"), tmp_path / "merged")
     assert GenerationConfig.from_pretrained(out).eos_token_id == [1, 2]
     gguf_file = export_gguf(str(out), tmp_path / "m.gguf", "f32")
-    field = GGUFReader(gguf_file).fields["tokenizer.ggml.eot_token_id"]
+    field = read_gguf(gguf_file).fields["tokenizer.ggml.eot_token_id"]
     assert int(field.parts[field.data[0]][0]) == 2
 
 

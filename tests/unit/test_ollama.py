@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, read_gguf, run_cli
 from tests.families import GEMMA2_CHAT_TEMPLATE
 from tuneforge.data.tokenize import PLAIN_CHAT_TEMPLATE, fit_to_template
 
@@ -128,8 +128,6 @@ def parse_modelfile(text: str) -> dict:
 
 
 def test_export_writes_a_modelfile_beside_the_gguf(tiny_model_dir, tokenizer, go_render, tmp_path):
-    import gguf
-
     from tuneforge.deploy.ollama import go_template, turn_text
 
     out = tmp_path / "tiny.gguf"
@@ -142,7 +140,7 @@ def test_export_writes_a_modelfile_beside_the_gguf(tiny_model_dir, tokenizer, go
     chat = CHATS[3]
     assert ollama_renders(go_render, modelfile["template"], [chat]) == [
         tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)]
-    reader = gguf.GGUFReader(out)
+    reader = read_gguf(out)
     eot = int(reader.fields["tokenizer.ggml.eot_token_id"].parts[-1][0])
     assert modelfile["parameters"]["stop"][0] == tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
     assert modelfile["parameters"]["num_ctx"] == ["1024"]  # the tiny model's context

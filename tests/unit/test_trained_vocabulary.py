@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import run_cli, write_jsonl
+from tests.conftest import read_gguf, run_cli, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.train.loop import train
 
@@ -52,9 +52,7 @@ def merged_logits(merged_dir, ids) -> torch.Tensor:
 
 
 def gguf_embeddings(path) -> np.ndarray:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
+    reader = read_gguf(path)
     tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
     return np.asarray(tensor.data).reshape(-1, tensor.shape[0]), [
         bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode()

@@ -13,7 +13,6 @@ the narrowed range tops out at a third of it and spans NARROWED_SPAN.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -43,13 +42,12 @@ class LrRange:
 def range_test_config(base: dict, run_dir: Path, centre_lr: float) -> dict:
     """The run file with the test's schedule: RANGE_STEPS steps, lr rising from centre/100 to centre x 100, no
     evaluation before the end, no checkpoint before the end."""
-    config = json.loads(json.dumps(base))
-    train = config.setdefault("train", {})
-    train.update({"lr": centre_lr * SWEEP_ABOVE, "scheduler": "exponential", "warmup_ratio": 0.0,
-                  "max_steps": RANGE_STEPS, "eval_every": 0, "save_every": 0, "eval_metric": None,
-                  "early_stopping_patience": 0, "resume": "never"})
-    config["output_dir"] = str(run_dir)
-    return config
+    from tuneforge.tune.trials import run_config
+
+    return run_config(base, {f"train.{key}": value for key, value in {
+        "lr": centre_lr * SWEEP_ABOVE, "scheduler": "exponential", "warmup_ratio": 0.0, "max_steps": RANGE_STEPS,
+        "eval_every": 0, "save_every": 0, "eval_metric": None, "early_stopping_patience": 0,
+        "resume": "never"}.items()}, run_dir)
 
 
 def smoothed(losses: list[float]) -> list[float]:

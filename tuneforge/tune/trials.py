@@ -46,13 +46,7 @@ def trial_config(base: dict, values: dict[str, object], run_dir: Path, metric: s
                  patience: int) -> dict:
     """The base run file with the trial's values, its own output_dir, and the evaluations the search needs: the
     metric on every validation row at every `eval_every` steps, early stopping on it, a checkpoint at each."""
-    config = json.loads(json.dumps(base))  # a deep copy
-    for key, value in values.items():
-        node = config
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+    config = run_config(base, values, run_dir)
     train = config.setdefault("train", {})
     train.update({"eval_every": eval_every, "save_every": eval_every, "early_stopping_patience": patience,
                   "resume": "auto", "max_steps": 0})
@@ -60,6 +54,19 @@ def trial_config(base: dict, values: dict[str, object], run_dir: Path, metric: s
         train.update({"eval_metric": None, "early_stopping_metric": "val_loss"})
     else:
         train.update({"eval_metric": metric, "eval_metric_sample": 0, "early_stopping_metric": "eval_metric"})
+    return config
+
+
+def run_config(base: dict, values: dict[str, object], run_dir: Path) -> dict:
+    """A deep copy of the base run file with dotted `values` set and its own output_dir (every run a study starts:
+    the trials, the range test)."""
+    config = json.loads(json.dumps(base))
+    for key, value in values.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     config["output_dir"] = str(run_dir)
     return config
 
