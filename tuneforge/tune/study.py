@@ -1,12 +1,12 @@
 """The study: a held-out split, a search space, trials until the budget ends, the best trial, the test set once.
 
 Held-out discipline: the trials train on the training rows and are scored on the validation rows only (the run
-file's data.val, or a split tune makes once with data.val_split, stratified by --by); --test rows are read once, at
-the end, to score the best trial. The study directory holds everything: tune.json (what was asked and the time
-spent), study.db (Optuna's SQLite storage), data/ (the split), trials/NNNN (each trial's run directory, run file and
-log), report.md, study.png and best.yaml. `--resume` continues it after any interruption: finished trials stay
-finished; a trial that was running is resumed from its checkpoint (its process was stopped, and checkpointed, when
-the study's process died).
+file's data.val, or a split tune makes once with data.val_split, stratified by --by or held out by answer word
+with --unseen-answers); --test rows are read once, at the end, to score the best trial. The study directory holds
+everything: tune.json (what was asked and the time spent), study.db (Optuna's SQLite storage), data/ (the split),
+trials/NNNN (each trial's run directory, run file and log), report.md, study.png and best.yaml. `--resume`
+continues it after any interruption: finished trials stay finished; a trial that was running is resumed from its
+checkpoint (its process was stopped, and checkpointed, when the study's process died).
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ def validation_source(cfg: RunConfig, settings: TuneSettings) -> str:
 
 def _held_out_split(cfg: RunConfig, settings: TuneSettings, study_dir: Path) -> tuple[RunConfig, int]:
     """The run file with the study's validation rows: data.val as given, or a split of data.train made once into
-    STUDY_DIR/data (stratified by --by). Returns it and the number of training rows."""
+    STUDY_DIR/data (stratified by --by, or held out by answer word with --unseen-answers). Returns it and the
+    number of training rows."""
     import dataclasses
 
     from tuneforge.data.formats import read_rows
