@@ -368,7 +368,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         raw = _read_yaml(Path(path))
     for item in overrides:
         key, value = _parse_override(item)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return config_from_dict(raw)
 
 
@@ -410,7 +410,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key "a.b.c", making the sections on the way (overrides, tune's trial values)."""
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:

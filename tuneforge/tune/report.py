@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from tuneforge.config import set_dotted
 from tuneforge.tune.space import SearchSpace
 
 
@@ -106,9 +107,9 @@ def write_best_file(path: Path, config_path: str, overrides: list[str], values: 
     raw = (yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}) if config_path else {}
     for item in overrides:
         key, value = item.split("=", 1)
-        _set(raw, key, yaml.safe_load(value))
+        set_dotted(raw, key, yaml.safe_load(value))
     for key, value in values.items():
-        _set(raw, key, value)
+        set_dotted(raw, key, value)
     text = yaml.safe_dump(raw, sort_keys=False)
     finished = sum(1 for r in rows if r["state"] == "complete")
     comments = {key: (f"searched {space.why(key)}" if space.why(key) else "follows lora.r (alpha = 2 x r)")
@@ -117,14 +118,6 @@ def write_best_file(path: Path, config_path: str, overrides: list[str], values: 
               f"{best_trial.value:.4f} on the validation rows\n")
     path.write_text(header + _comment_lines(text, comments), encoding="utf-8")
     return path
-
-
-def _set(raw: dict, key: str, value) -> None:
-    node = raw
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
 
 
 def _comment_lines(text: str, comments: dict[str, str]) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge import run_dir as layout
+from tuneforge.config import set_dotted
 
 POLL_S = 0.5
 STOP_GRACE_S = 120  # how long a stopped trial may take to finish its step and write its checkpoint
@@ -62,11 +63,7 @@ def run_config(base: dict, values: dict[str, object], run_dir: Path) -> dict:
     the trials, the range test)."""
     config = json.loads(json.dumps(base))
     for key, value in values.items():
-        node = config
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(config, key, value)
     config["output_dir"] = str(run_dir)
     return config
 
