@@ -1,9 +1,11 @@
 """Under torchrun: train several methods one after another in the same processes (one process group, so the test
 pays torchrun's start-up once).
 
-usage: torchrun --nproc_per_node 2 -m tests.unit.dist_methods_driver CONFIG.yaml OUT_ROOT method:mode[@OTHER.yaml] ...
+usage: torchrun --nproc_per_node 2 -m tests.unit.dist_methods_driver CONFIG.yaml OUT_ROOT \
+           [NAME=]method:mode[@OTHER.yaml] ...
 
-Each run writes OUT_ROOT/method-mode, trained from CONFIG.yaml or, after an @, its own config file.
+Each run writes OUT_ROOT/NAME (OUT_ROOT/method-mode without a NAME), trained from CONFIG.yaml or, after an @, its
+own config file.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ def main() -> int:
     quiet_libraries()
     dist.init_process_group("gloo")
     for run in runs:
-        spec, _, own_config = run.partition("@")
+        named, _, own_config = run.partition("@")
+        name, _, spec = named.rpartition("=")
         method, mode = spec.split(":")
         cfg = load_config(own_config or config_file, [f"method={method}", f"train.distributed={mode}",
-                                        f"output_dir={out_root}/{method}-{mode}"])
+                                                      f"output_dir={out_root}/{name or f'{method}-{mode}'}"])
         train(cfg, show_progress=False)
     dist.destroy_process_group()
     return 0

@@ -254,35 +254,56 @@ def test_full_fine_tuning_dpo_stores_its_reference_before_the_first_update(tiny_
     assert torch.allclose(torch.tensor(stored[:6], dtype=torch.float64), expected.double(), atol=1e-4)
 
 
+TWO_PROCESS_RUNS = [("ddp", "dpo"), ("fsdp", "dpo"), ("ddp", "kto")]
+
+
+@pytest.fixture(scope="module")
+def two_process_preference(tmp_path_factory, tiny_model_dir):
+    """The two-process side of every parametrisation below: one torchrun launch for all of them
+    (tests.unit.dist_methods_driver), since each launch pays two interpreters' torch start-up."""
+    import yaml
+
+    from tests.unit.test_distributed import torchrun, write_config
+
+    tmp = tmp_path_factory.mktemp("preference-two")
+    data = write_jsonl(tmp / "pairs.jsonl", pair_rows(38, seed=11))
+    val = write_jsonl(tmp / "val.jsonl", pair_rows(7, seed=12))
+    configs = {}
+    for objective in ("dpo", "kto"):
+        epochs = {"epochs": 1} if objective == "kto" else {}  # 7 steps per epoch for KTO's 76 examples
+        path = write_config(tmp / f"{objective}.yaml", tiny_model_dir, data, tmp / "unused", "lora", eval_every=4,
+                            **epochs)
+        config = yaml.safe_load(path.read_text())
+        config["objective"], config["data"]["val"] = objective, str(val)
+        path.write_text(yaml.safe_dump(config))
+        configs[objective] = path
+    runs = [f"{objective}-{mode}=lora:{mode}@{configs[objective]}" for mode, objective in TWO_PROCESS_RUNS]
+    done = torchrun("-m", "tests.unit.dist_methods_driver", str(configs["dpo"]), str(tmp / "two"), *runs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"out": tmp / "two", "configs": configs}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode, objective", [("ddp", "dpo"), ("fsdp", "dpo"), ("ddp", "kto")])
-def test_preference_two_processes_equal_one(tmp_path_factory, tiny_model_dir, mode, objective):
+@pytest.mark.parametrize("mode, objective", TWO_PROCESS_RUNS)
+def test_preference_two_processes_equal_one(tmp_path_factory, two_process_preference, mode, objective):
     """38 pairs in micro-batches of 3 (13 per epoch): each epoch's last step has one micro-batch and one rank none,
     so the zero-weighted filler pass, its zero statistics and the reference pass's share per rank are exercised.
     KTO (the pairs unpaired: 76 answers, 26 micro-batches per epoch, 4 steps) also has its KL estimate, one per step
     over every rank's micro-batches, so the 2 x 2 split must give the 1 x 4 one's numbers."""
-    from tests.unit.test_distributed import assert_same_run, torchrun, write_config
+    from tests.unit.test_distributed import assert_same_run
     from tuneforge.config import load_config
 
-    tmp = tmp_path_factory.mktemp(f"{objective}-{mode}")
-    data = write_jsonl(tmp / "pairs.jsonl", pair_rows(38, seed=11))
-    val = write_jsonl(tmp / "val.jsonl", pair_rows(7, seed=12))
-    steps = {"dpo": [], "kto": ["train.epochs=1"]}[objective]  # 7 steps per epoch for KTO's 76 examples
     one = tmp_path_factory.getbasetemp() / f"{objective}-one-process"
     if not (one / "adapter_model.safetensors").exists():
-        cfg_file = write_config(tmp / "one.yaml", tiny_model_dir, data, one, "lora", eval_every=4)
-        train(load_config(cfg_file, [f"objective={objective}", f"data.val={val}", "train.grad_accum=4", *steps]),
+        train(load_config(two_process_preference["configs"][objective], ["train.grad_accum=4", f"output_dir={one}"]),
               show_progress=False)
-    cfg_file = write_config(tmp / "two.yaml", tiny_model_dir, data, tmp / mode, "lora", eval_every=4)
-    done = torchrun("-m", "tuneforge", "train", str(cfg_file), f"objective={objective}", f"data.val={val}",
-                    f"train.distributed={mode}", *steps, "--quiet")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_run(one, tmp / mode, steps=8 if objective == "dpo" else 7)
+    two = two_process_preference["out"] / f"{objective}-{mode}"
+    assert_same_run(one, two, steps=8 if objective == "dpo" else 7)
     for name in ("reward_margin", "val_reward_accuracy", "val_loss") + (("kl",) if objective == "kto" else ()):
         a = [r[name] for r in records(one) if name in r]
-        b = [r[name] for r in records(tmp / mode) if name in r]
+        b = [r[name] for r in records(two) if name in r]
         assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < TOL, name
-    stored = [torch.tensor(read_reference(run)["train"]) for run in (one, tmp / mode)]
+    stored = [torch.tensor(read_reference(run)["train"]) for run in (one, two)]
     assert stored[0].shape == ((38 if objective == "dpo" else 76), 2) and (stored[0] - stored[1]).abs().max() < TOL
 
 

@@ -167,10 +167,16 @@ def test_gradient_checkpointing_recomputes_the_layers_and_changes_no_loss(tiny_m
 def test_compiled_layers_give_the_same_losses(tiny_model_dir, data_file, tmp_path):
     common = ["data.val_split=0", "lora.dropout=0", "train.epochs=1", "train.max_steps=4"]  # compile time dominates
     eager = train(config(tiny_model_dir, data_file, tmp_path / "e", *common), show_progress=False)
+    from torch._dynamo.utils import guard_failures
+
+    guard_failures.clear()
     compiled = train(config(tiny_model_dir, data_file, tmp_path / "c", *common, "train.compile=true"),
                      show_progress=False)
     a, b = _step_losses(eager.run_dir), _step_losses(compiled.run_dir)
     assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    # One compiled layer serves every layer: none is compiled again because its input's requires_grad differs.
+    reasons = [reason for failures in guard_failures.values() for reason in failures]
+    assert not [reason for reason in reasons if "requires_grad" in reason], reasons
 
 
 def test_eval_metric_is_logged_and_early_stopping_can_follow_it(tmp_path, tiny_model_dir):

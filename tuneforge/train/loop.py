@@ -287,7 +287,11 @@ def _prepare_model(cfg: RunConfig, device: str, world: distributed.World, tokeni
         use_packed_attention(model)
     if cfg.train.compile:
         # Per decoder layer, in place: parameter names and saving stay as they are, and one compiled graph serves
-        # every layer. dynamic=True because packed rows change length every step.
+        # every layer. dynamic=True because packed rows change length every step. With frozen embeddings the first
+        # layer's input would not require grad and every later one's would: dynamo guards on that and compiles the
+        # first layer again (13 s of the test's 56 on the tiny model); a grad on the embeddings' output costs one
+        # layer's input gradient.
+        model.enable_input_require_grads()
         for layer in causal_lm_of(model).get_decoder().layers:
             layer.compile(dynamic=True)
     if world.is_main:
