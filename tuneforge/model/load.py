@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -105,12 +106,35 @@ def _cached_gguf(gguf_path: Path, cache_name: str) -> Path:
     return target
 
 
+def open_gguf(path, mode: str = "r"):
+    """gguf-py's GGUFReader over a plain ndarray view of its memory map. The reader slices the map once per token and
+    merge string (~100k slices for a 49k vocabulary) and transformers once more per value; a slice of np.memmap
+    pays numpy's memmap bookkeeping (__array_finalize__, __getitem__ in Python), a slice of a plain view of the same
+    pages does not: the same parse, the file still mapped, not read, ~3x faster."""
+    import gguf.gguf_reader as reader_module
+    import numpy as np
+
+    class PlainMapNumpy(types.ModuleType):  # numpy, except that np.memmap(...) is handed out as a plain view
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def memmap(file, mode="r"):
+            return np.memmap(file, mode=mode).view(np.ndarray)  # .base keeps the map open as long as the view
+
+    reader_module.np = PlainMapNumpy("numpy")  # only while the reader is constructed: it parses everything there
+    try:
+        return reader_module.GGUFReader(path, mode)
+    finally:
+        reader_module.np = np
+
+
 @contextlib.contextmanager
 def _gguf_parsed_once():
     """transformers parses the whole GGUF file (every tokenizer string and merge: seconds for a 49k vocabulary) once
     for the tokenizer, once for the config and once for the weights, and we once more for what it skips. Within this
-    block `gguf.GGUFReader` hands out one parsed, read-only reader per file: a conversion takes a quarter of the
-    time."""
+    block `gguf.GGUFReader` hands out one parsed, read-only reader per file (`open_gguf`'s): a conversion takes a
+    quarter of the time, and the plain view halves what is left."""
     import gguf
 
     original, readers = gguf.GGUFReader, {}
@@ -118,7 +142,7 @@ def _gguf_parsed_once():
     def reader(path, mode="r"):
         key = (str(Path(path).resolve()), mode)
         if key not in readers:
-            readers[key] = original(path, mode)
+            readers[key] = open_gguf(path, mode)
         return readers[key]
 
     gguf.GGUFReader = reader
