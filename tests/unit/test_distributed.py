@@ -118,12 +118,9 @@ def test_ddp_two_processes_equal_one(tmp_path, tiny_model_dir, data_file, one_pr
 
 
 @pytest.fixture(scope="module")
-def fsdp_lora(tmp_path_factory, tiny_model_dir, data_file):
-    tmp = tmp_path_factory.mktemp("fsdp-lora")
-    cfg_file = write_config(tmp / "run.yaml", tiny_model_dir, data_file, tmp / "run", "lora")
-    done = torchrun("-m", "tuneforge", "train", str(cfg_file), "train.distributed=fsdp", "--quiet")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp / "run"
+def fsdp_lora(driven):
+    """The ddp test's run under FSDP, trained in `driven`'s launch (the CLI under torchrun is the --nproc tests')."""
+    return driven["out"] / "fsdp-lora"
 
 
 def test_fsdp_two_processes_equal_one(fsdp_lora, one_process_lora):
@@ -206,12 +203,13 @@ EARLY_VAL_ANSWER = "zebra violet harbour"
 
 @pytest.fixture(scope="module")
 def driven(tmp_path_factory, tiny_model_dir, data_file):
-    """The two-process side of the method, full-FSDP and early-stopping comparisons: one torchrun launch for all of
-    them (tests.unit.dist_methods_driver), since each launch pays two interpreters' torch start-up."""
+    """The two-process side of the method, LoRA-FSDP, full-FSDP and early-stopping comparisons: one torchrun launch
+    for all of them (tests.unit.dist_methods_driver), since each launch pays two interpreters' torch start-up."""
     tmp = tmp_path_factory.mktemp("driven")
     methods = write_config(tmp / "methods.yaml", tiny_model_dir, data_file, tmp / "unused", "lora", max_steps=3,
                            lr=1e-3)
     full = write_config(tmp / "full.yaml", tiny_model_dir, data_file, tmp / "unused", "full")
+    lora = write_config(tmp / "lora.yaml", tiny_model_dir, data_file, tmp / "unused", "lora")
     # Early stopping must trigger, and the best weights (gathered on rank 0, spread back to the shards) must be
     # what is saved. It is made to trigger by the data, not by an overshooting learning rate: the validation
     # answers are words the training answers never use, so every step that teaches the training answers takes
@@ -225,7 +223,7 @@ def driven(tmp_path_factory, tiny_model_dir, data_file):
     config["data"]["val"] = str(val_file)
     early.write_text(yaml.safe_dump(config))
     done = torchrun("-m", "tests.unit.dist_methods_driver", str(methods), str(tmp / "two"), *OTHER_METHODS,
-                    f"full:fsdp@{full}", f"lora:fsdp@{early}")
+                    f"full:fsdp@{full}", f"lora:fsdp@{early}", f"fsdp-lora=lora:fsdp@{lora}")
     assert done.returncode == 0, done.stderr[-3000:]
     return {"out": tmp / "two", "methods": methods, "full": full, "early": early, "model": tiny_model_dir}
 
