@@ -291,7 +291,8 @@ def _prepare_model(cfg: RunConfig, device: str, world: distributed.World, tokeni
         # layer's input would not require grad and every later one's would: dynamo guards on that and compiles the
         # first layer again (13 s of the test's 56 on the tiny model); a grad on the embeddings' output costs one
         # layer's input gradient.
-        model.enable_input_require_grads()
+        if not cfg.train.gradient_checkpointing:  # else done above
+            model.enable_input_require_grads()
         for layer in causal_lm_of(model).get_decoder().layers:
             layer.compile(dynamic=True)
     if world.is_main:
