@@ -208,10 +208,15 @@ def source_logits(model_dir: Path) -> torch.Tensor:
 
 
 def gguf_logits(gguf_file: Path) -> torch.Tensor:
-    """Logits of the GGUF file as transformers' own GGUF loader (an independent reader) reconstructs the model."""
+    """Logits of the GGUF file as transformers' own GGUF loader (an independent reader) reconstructs the model.
+    gguf_parsed_once changes how fast gguf-py parses (a plain view of the memory map, its tensor name map built once),
+    not what: the reader and the loader are still theirs."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    from tuneforge.model.load import gguf_parsed_once
+
+    with gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     with torch.no_grad():
         return model.eval()(input_ids=IDS).logits
 
@@ -292,7 +297,10 @@ def test_transformers_loads_the_file_with_the_source_logits_and_tokenizer(export
     q8 = gguf_logits(exported["q8_0"])
     assert (q8 - reference).abs().max() < 3e-2 * scale
     assert (q8.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
-    rebuilt = AutoTokenizer.from_pretrained(exported["f32"].parent, gguf_file=exported["f32"].name)
+    from tuneforge.model.load import gguf_parsed_once
+
+    with gguf_parsed_once():
+        rebuilt = AutoTokenizer.from_pretrained(exported["f32"].parent, gguf_file=exported["f32"].name)
     text = "Ines Kowalski opened a café in Tampere in 2023 — 3333 🦙 <|im_start|>user\nhi<|im_end|>"
     assert rebuilt(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert rebuilt.chat_template == tokenizer.chat_template

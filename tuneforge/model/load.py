@@ -9,6 +9,7 @@ is cached the same way, keyed by its path, size and modification time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -76,7 +77,7 @@ def _cached_gguf(gguf_path: Path, cache_name: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
-    with _gguf_parsed_once():
+    with gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         config = _with_what_transformers_skips(AutoConfig.from_pretrained(folder, gguf_file=filename), gguf_path)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, config=config,
@@ -130,14 +131,17 @@ def open_gguf(path, mode: str = "r"):
 
 
 @contextlib.contextmanager
-def _gguf_parsed_once():
+def gguf_parsed_once():
     """transformers parses the whole GGUF file (every tokenizer string and merge: seconds for a 49k vocabulary) once
     for the tokenizer, once for the config and once for the weights, and we once more for what it skips. Within this
     block `gguf.GGUFReader` hands out one parsed, read-only reader per file (`open_gguf`'s): a conversion takes a
-    quarter of the time, and the plain view halves what is left."""
+    quarter of the time, and the plain view halves what is left. transformers also builds gguf-py's tensor name map
+    (thousands of formatted names) afresh for every module of the model while it matches the weights (397 times
+    for SmolLM2: ~5 s); within the block that map is built once per architecture and layer count."""
     import gguf
 
     original, readers = gguf.GGUFReader, {}
+    original_name_map = gguf.get_tensor_name_map
 
     def reader(path, mode="r"):
         key = (str(Path(path).resolve()), mode)
@@ -146,10 +150,12 @@ def _gguf_parsed_once():
         return readers[key]
 
     gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_name_map)  # read-only once built
     try:
         yield
     finally:
         gguf.GGUFReader = original
+        gguf.get_tensor_name_map = original_name_map
 
 
 # llama.cpp's own rule for the Gemma query scale (llama-model.cpp): 1/sqrt(head size), except the 27B models

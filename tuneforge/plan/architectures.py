@@ -87,7 +87,10 @@ def load_architecture(name: str, trust_remote_code: bool = False):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model: GGUF file not found: {name}")
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        from tuneforge.model.load import gguf_parsed_once
+
+        with gguf_parsed_once():  # the same parse, several times faster (see there)
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model: {name} is a directory without config.json (not a Hugging Face model directory)")
