@@ -74,9 +74,12 @@ def test_early_stopping_keeps_best_weights(tiny_model_dir, data_file, tmp_path):
 def test_cli_train_and_generate(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "cli-run"
     run_file = tmp_path / "run.yaml"
-    run_file.write_text(f"model: {tiny_model_dir}\ndata:\n  train: {data_file}\ntrain:\n  max_steps: 2\n"
+    run_file.write_text(f"model: {tiny_model_dir}\ndata:\n  train: {data_file}\ntrain:\n  max_steps: 3\n"
                         f"output_dir: {out}\n")
-    result = run_cli("train", str(run_file), "--quiet")
+    # Overrides may come before or after the options; a stray word that is no override is still refused.
+    refused = run_cli("train", str(run_file), "--quiet", "train.max_steps=2", "stray")
+    assert refused.returncode == 2 and "unrecognized arguments: train.max_steps=2 stray" in refused.stderr
+    result = run_cli("train", str(run_file), "train.lr=1e-3", "--quiet", "train.max_steps=2")
     assert result.returncode == 0, result.stderr
     assert "done: 2 steps" in result.stdout
     # The memory estimate is for the micro-batches this data forms once tokenized, printed before the model loads.

@@ -48,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="tuneforge: %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a command's positional overrides at its first option (`train run.yaml --quiet lr=...` left
+    # `lr=...` unrecognised): dotted overrides after an option are overrides too, in the order typed.
+    if extra and hasattr(args, "overrides") and all("=" in arg and not arg.startswith("-") for arg in extra):
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(argv if argv is not None else sys.argv[1:])  # as typed, for commands that relaunch themselves
     if argv is None and args.command == "train":  # the program itself, not a caller's main([...]): its allocator
         from tuneforge.allocator import use_tcmalloc
