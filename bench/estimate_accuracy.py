@@ -5,7 +5,8 @@
 
 Each case trains a few optimizer steps in its own Python process (tuneforge.plan.calibrate.measure_run), so its
 peak RSS growth is its own; the estimate comes from the same run file through `tuneforge estimate`'s code path.
-The child uses glibc's default allocator, as `tuneforge train` does (tuneforge/plan/memory.py, HEAP_RETENTION).
+The child runs with the allocator `tuneforge train` runs with (tcmalloc where installed, tuneforge/allocator.py);
+`TUNEFORGE_ALLOCATOR=system` measures glibc's malloc, on which HEAP_RETENTION (tuneforge/plan/memory.py) was chosen.
 Timings are not asserted anywhere; on a shared machine the RSS figures are stable, the tokens/s are not.
 """
 

@@ -25,19 +25,27 @@ def find_tcmalloc() -> Path | None:
     return next((Path(d) / LIBRARY for d in SEARCH if (Path(d) / LIBRARY).is_file()), None)
 
 
-def use_tcmalloc(argv: list[str]) -> None:
-    """Re-execute `python -m tuneforge ARGV` with tcmalloc preloaded, when it can and should; else return."""
+def train_environment() -> dict[str, str] | None:
+    """The environment `tuneforge train` re-executes itself with (tcmalloc preloaded), or None where it keeps this
+    process's: asked for the system allocator, already re-executed, something else preloaded, or no tcmalloc."""
     if os.environ.get("TUNEFORGE_ALLOCATOR", "auto") == "system" or MARK in os.environ:
-        return
+        return None
     if os.environ.get("LD_PRELOAD"):  # the user chose what to preload
-        return
+        return None
     library = find_tcmalloc()
     if library is None:
+        return None
+    return {**os.environ, "LD_PRELOAD": str(library), MARK: str(library)}
+
+
+def use_tcmalloc(argv: list[str]) -> None:
+    """Re-execute `python -m tuneforge ARGV` with tcmalloc preloaded, when it can and should; else return."""
+    env = train_environment()
+    if env is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "tuneforge", *argv],
-              {**os.environ, "LD_PRELOAD": str(library), MARK: str(library)})
+    os.execve(sys.executable, [sys.executable, "-m", "tuneforge", *argv], env)
 
 
 def allocator_line() -> str:

@@ -42,3 +42,33 @@ def test_the_allocator_line_and_what_turns_it_off(monkeypatch):
     allocator.use_tcmalloc(["train", "run.yaml"])
     (executable, argv, env), = calls
     assert argv[1:] == ["-m", "tuneforge", "train", "run.yaml"] and env["LD_PRELOAD"] == env[allocator.MARK]
+
+
+def test_memory_measurements_run_with_the_allocator_train_runs_with(monkeypatch, tmp_path):
+    """`estimate --calibrate` and the measured-memory tests (tuneforge.plan.calibrate.measure_run) measure a child
+    process's heap: it must be the heap `tuneforge train` has (tcmalloc where installed), not the caller's."""
+    from tuneforge.config import load_config
+    from tuneforge.errors import UserError
+    from tuneforge.plan import calibrate
+
+    for name in ("LD_PRELOAD", allocator.MARK, "TUNEFORGE_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+
+    def child(command, env, **kwargs):
+        seen.append(env)
+        return subprocess.CompletedProcess(command, 1, "", "stopped by the test\n")
+
+    monkeypatch.setattr(calibrate.subprocess, "run", child)
+    data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Say 1.", "output": "1"}])
+    cfg = load_config(None, [f"data.train={data}", f"output_dir={tmp_path / 'run'}"])
+    for system in (False, True):
+        if system:
+            monkeypatch.setenv("TUNEFORGE_ALLOCATOR", "system")
+        try:
+            calibrate.measure_run(cfg, steps=1)
+        except UserError as exc:
+            assert "stopped by the test" in str(exc)
+    preloaded, chosen = seen
+    assert preloaded["LD_PRELOAD"] == str(allocator.find_tcmalloc()) == preloaded[allocator.MARK]
+    assert "LD_PRELOAD" not in chosen and chosen["TUNEFORGE_ALLOCATOR"] == "system"

@@ -1,6 +1,7 @@
 """The memory estimate against measurement: real `tuneforge train` runs of the embedded default model on this CPU
 (full / LoRA / QLoRA x two micro-batch shapes), each two optimizer steps in its own process so its peak RSS growth
-is its own (tuneforge.plan.calibrate). The cases are bench/estimate_accuracy.py's quick set; the bench prints the
+is its own, with the allocator `tuneforge train` has (tcmalloc, which `make test-tools` installs; see
+tuneforge.plan.calibrate). The cases are bench/estimate_accuracy.py's quick set; the bench prints the
 table (README, "Plan: recommend and estimate").
 """
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from tuneforge.allocator import train_environment
 from tuneforge.config import RunConfig
 from tuneforge.errors import UserError
 
@@ -67,7 +68,8 @@ def measure_run(cfg: RunConfig, steps: int = 3, timeout: float = 900) -> Measure
         raw["data"].update(val=None, val_split=0.0)  # validation is not what is being measured
         run_file = Path(tmp) / "run.yaml"
         run_file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The allocator `tuneforge train` would run with (tcmalloc where installed): its heap is what is measured.
+        env = {**(train_environment() or os.environ), "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(run_file)], capture_output=True, text=True,
                               env=env, timeout=timeout)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("TUNEFORGE_MEASURE ")]

@@ -178,7 +178,7 @@ def estimate_memory(spec: MemorySpec) -> MemoryEstimate:
     if spec.device == "cpu":
         add("allocator retention", HEAP_RETENTION * activations.total,
             f"{HEAP_RETENTION:.0%} of a micro-batch's activation volume ({_gib(activations.total)}, recomputed or "
-            "not): freed memory glibc's heap keeps resident")
+            "not): freed memory the heap keeps resident (calibrated on glibc malloc; tcmalloc keeps less)")
 
     get = lambda name: sum(c.bytes for c in comps if c.name == name)  # noqa: E731
     resident = (get("base weights") + get("trainable params") + get("fp32 master copy") + get("optimizer states")
@@ -395,7 +395,11 @@ def _mapped_checkpoint(spec: MemorySpec, stored_bytes: int, params: ParameterCou
 # activations churn the heap alike), 23-51% for full fine-tuning (its weight gradients, allocated during backward,
 # refill the holes). Pinning the threshold in training would remove it but cost ~35% more CPU time a step (every
 # activation then pays fresh page faults), so the estimate counts it instead: 35%, which keeps all eight measured
-# runs within 20%. Other allocators (jemalloc, tcmalloc via LD_PRELOAD) and CUDA are not covered by this figure.
+# runs within 20% (2026-11-29). Measured again on 2026-12-05 (the README's table, both allocators): `tuneforge
+# train` preloads tcmalloc where it is installed (tuneforge/allocator.py), and with it 10 of 11 runs are within 20%
+# (-4% to +19%; DoRA +54%); with glibc the two largest micro-batches now read 23% and 31% low, and two runs with one
+# estimate differ by 740 MiB, so no single figure fits glibc. A figure per allocator is the next step. jemalloc and
+# CUDA are not covered.
 HEAP_RETENTION = 0.35
 # Measured on a 2-core CPU (bench/estimate_accuracy.py): a tuneforge run's RSS also holds the tokenizer, the
 # tokenized data, the run's bookkeeping and allocator slack.
