@@ -366,9 +366,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
-    for item in overrides:
-        key, value = _parse_override(item)
-        set_dotted(raw, key, value)
+    apply_overrides(raw, overrides)
     return config_from_dict(raw)
 
 
@@ -408,6 +406,13 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = text
     return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """`key=value` overrides set into a raw (unvalidated) run-file dict, values typed as YAML types them."""
+    for item in overrides:
+        key, value = _parse_override(item)
+        set_dotted(raw, key, value)
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

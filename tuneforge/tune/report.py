@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.config import set_dotted
+from tuneforge.config import apply_overrides, set_dotted
 from tuneforge.tune.space import SearchSpace
 
 
@@ -105,9 +105,7 @@ def write_best_file(path: Path, config_path: str, overrides: list[str], values: 
                     best_trial, metric: str, rows: list[dict]) -> Path:
     """The user's run file with the best trial's values, each with a comment saying what was searched and found."""
     raw = (yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}) if config_path else {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        set_dotted(raw, key, yaml.safe_load(value))
+    apply_overrides(raw, overrides)  # as load_config read them for the trials
     for key, value in values.items():
         set_dotted(raw, key, value)
     text = yaml.safe_dump(raw, sort_keys=False)
