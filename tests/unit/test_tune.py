@@ -133,17 +133,14 @@ def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
     with (tmp_path / "tune.log").open("w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         second = study / "trials" / "0001"
-        deadline = time.monotonic() + 240
-        while not _has_checkpoint(second):
-            assert process.poll() is None, (tmp_path / "tune.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the second trial wrote no checkpoint in time"
-            time.sleep(0.2)
-        os.kill(process.pid, signal.SIGKILL)
+        trial_pid = _pause_after_first_checkpoint(second, process, tmp_path / "tune.log")
+        os.kill(process.pid, signal.SIGKILL)  # the study dies while its trial is mid-run (the kernel SIGTERMs it)
         process.wait()
+        os.kill(trial_pid, signal.SIGCONT)
     first_metrics = (study / "trials" / "0000" / "metrics.jsonl").read_bytes()
     range_metrics = (study / "lr-range" / "metrics.jsonl").read_bytes()
     _wait_for_exit(second)  # the orphaned trial got SIGTERM: it checkpoints and stops
-    assert json.loads((second / "status.json").read_text())["state"] in ("stopped", "running")
+    assert json.loads((second / "status.json").read_text())["state"] == "stopped"
 
     done = run_cli("tune", str(config), "--trials", "2", "--budget", "10m", "--metric", "val_loss",
                    "--evaluations-per-epoch", "4", "--lr-range-test", "--resume")
@@ -170,10 +167,29 @@ def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
     assert (study / "best.yaml").is_file()
 
 
-def _has_checkpoint(run: Path) -> bool:
+def _pause_after_first_checkpoint(run: Path, study: subprocess.Popen, log: Path, timeout: float = 240) -> int:
+    """The pid of the trial training in `run`, SIGSTOPped just after its first checkpoint. A tiny-model step takes
+    ~10 ms and early stopping may end a trial a few steps after its first evaluation, so once the trial trains it
+    runs in 2 ms slices (SIGCONT, SIGSTOP): it cannot finish between the checkpoint and the study's kill, however
+    fast or slow the machine."""
     from tuneforge.train.checkpoint import latest_checkpoint
 
-    return run.is_dir() and latest_checkpoint(run) is not None
+    deadline, pid = time.monotonic() + timeout, None
+    while True:
+        assert study.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the second trial wrote no checkpoint in time"
+        if pid is None:
+            status = json.loads((run / "status.json").read_text()) if (run / "status.json").exists() else {}
+            pid = status.get("pid") if status.get("state") == "running" else None
+            if pid is None:
+                time.sleep(0.05)
+                continue
+            os.kill(pid, signal.SIGSTOP)
+        if latest_checkpoint(run) is not None:
+            return pid
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+        os.kill(pid, signal.SIGSTOP)
 
 
 def _wait_for_exit(run: Path, timeout: float = 120) -> None:
