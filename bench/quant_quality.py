@@ -155,9 +155,10 @@ def same_content(ours: Path, theirs: Path) -> bool:
     """Every tensor equal in type and bytes, and every metadata value equal: the same model file in content
     (llama.cpp writes its keys and tensors in another order, so the files' bytes are not compared)."""
     import numpy as np
-    from gguf import GGUFReader
 
-    a, b = GGUFReader(ours), GGUFReader(theirs)
+    from tuneforge.model.gguf_reader import open_gguf
+
+    a, b = open_gguf(ours), open_gguf(theirs)
     tensors_a, tensors_b = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     if tensors_a.keys() != tensors_b.keys() or a.fields.keys() != b.fields.keys():
         return False

@@ -15,13 +15,13 @@ import logging
 import os
 import shutil
 import tempfile
-import types
 from pathlib import Path
 
 import torch
 
 from tuneforge.config import EMBEDDED_MODEL
 from tuneforge.errors import UserError
+from tuneforge.model.gguf_reader import open_gguf
 
 log = logging.getLogger("tuneforge")
 
@@ -107,37 +107,14 @@ def _cached_gguf(gguf_path: Path, cache_name: str) -> Path:
     return target
 
 
-def open_gguf(path, mode: str = "r"):
-    """gguf-py's GGUFReader over a plain ndarray view of its memory map. The reader slices the map once per token and
-    merge string (~100k slices for a 49k vocabulary) and transformers once more per value; a slice of np.memmap
-    pays numpy's memmap bookkeeping (__array_finalize__, __getitem__ in Python), a slice of a plain view of the same
-    pages does not: the same parse, the file still mapped, not read, ~3x faster."""
-    import gguf.gguf_reader as reader_module
-    import numpy as np
-
-    class PlainMapNumpy(types.ModuleType):  # numpy, except that np.memmap(...) is handed out as a plain view
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-        @staticmethod
-        def memmap(file, mode="r"):
-            return np.memmap(file, mode=mode).view(np.ndarray)  # .base keeps the map open as long as the view
-
-    reader_module.np = PlainMapNumpy("numpy")  # only while the reader is constructed: it parses everything there
-    try:
-        return reader_module.GGUFReader(path, mode)
-    finally:
-        reader_module.np = np
-
-
 @contextlib.contextmanager
 def gguf_parsed_once():
     """transformers parses the whole GGUF file (every tokenizer string and merge: seconds for a 49k vocabulary) once
     for the tokenizer, once for the config and once for the weights, and we once more for what it skips. Within this
     block `gguf.GGUFReader` hands out one parsed, read-only reader per file (`open_gguf`'s): a conversion takes a
-    quarter of the time, and the plain view halves what is left. transformers also builds gguf-py's tensor name map
-    (thousands of formatted names) afresh for every module of the model while it matches the weights (397 times
-    for SmolLM2: ~5 s); within the block that map is built once per architecture and layer count."""
+    quarter of the time. transformers also builds gguf-py's tensor name map (thousands of formatted names) afresh
+    for every module of the model while it matches the weights (397 times for SmolLM2: ~5 s); within the block that
+    map is built once per architecture and layer count."""
     import gguf
 
     original, readers = gguf.GGUFReader, {}
@@ -173,9 +150,7 @@ def _with_what_transformers_skips(config, gguf_path: Path):
     """The config as llama.cpp reads the file. transformers' GGUF reader skips some hyperparameters and keeps its
     defaults instead: Qwen3's and Phi-3's head size (key_length), Phi-3's sliding window, Gemma 2's softcaps and the
     Gemmas' query scale. A file with other values would load as another model, silently."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(gguf_path).fields
+    fields = open_gguf(gguf_path).fields
     arch = fields["general.architecture"].contents()
 
     def value(key):
