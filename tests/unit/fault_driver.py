@@ -1,6 +1,9 @@
 """Fault injection for the reliability tests: run `train` in this process and SIGKILL it at a chosen point.
 
 usage: python -m tests.unit.fault_driver MODE N [--config RUN.yaml] [key=value ...]
+   or: fault_driver.run / fault_driver.start from a test: the same, in a process forked from a server that has
+       imported torch, transformers, PEFT and tuneforge once per session (a fresh interpreter spends ~6 s importing
+       them; the process is still a process of its own, killed, signalled and exiting as one)
   MODE=microbatch  die when the N-th loss forward starts: a training micro-batch (mid-step when grad_accum > 1),
                    or a validation batch
   MODE=write       die at the N-th checkpoint write event; a safetensors file being written is left torn
@@ -10,10 +13,14 @@ usage: python -m tests.unit.fault_driver MODE N [--config RUN.yaml] [key=value .
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from tuneforge.cli import quiet_libraries
 from tuneforge.config import load_config
@@ -25,8 +32,9 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main() -> int:
-    mode, n, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    mode, n, overrides = argv[0], int(argv[1]), argv[2:]
     config_file = None
     if overrides[:1] == ["--config"]:
         config_file, overrides = overrides[1], overrides[2:]
@@ -75,6 +83,73 @@ def main() -> int:
         print(f"tuneforge: error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From a test: forked from a server that imported the training stack once (multiprocessing's forkserver, which
+# imports nothing else and starts no thread, so forking it is safe; pytest's own process has run torch and is not).
+
+ROOT = Path(__file__).resolve().parents[2]
+PRELOAD = ["tests.unit.fault_driver", "peft", "safetensors.torch", "transformers.models.llama.modeling_llama"]
+
+
+@functools.cache
+def _server():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+class Driven:
+    """A driver process: `pid`, `send_signal`, `wait` (-> exit code, -9 when killed), `returncode`, `stderr` (its
+    stdout and stderr together)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None):
+        handle, name = tempfile.mkstemp(prefix="fault-driver-", suffix=".log")
+        os.close(handle)
+        self.log = Path(name)
+        self._process = _server().Process(target=_child, args=(argv, str(self.log), env or {}))
+        self._process.start()
+        self.pid = self._process.pid
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            self._process.kill()
+            self._process.join()
+            raise TimeoutError(f"fault driver {self.pid} still running after {timeout} s")
+        return self._process.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start(mode: str, n: int, args: list[str], env: dict[str, str] | None = None) -> Driven:
+    return Driven([mode, str(n), *args], env)
+
+
+def run(mode: str, n: int, args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> Driven:
+    driven = start(mode, n, args, env)
+    driven.wait(timeout)
+    return driven
+
+
+def _child(argv: list[str], log: str, env: dict[str, str]) -> None:
+    os.chdir(ROOT)
+    os.environ.update(env)
+    output = os.open(log, os.O_WRONLY | os.O_TRUNC)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    raise SystemExit(main(argv))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import write_jsonl
+from tests.unit import fault_driver
 from tuneforge.config import BUILTIN_DATA, DataSource, load_config, validate_for_training
 from tuneforge.data.batching import StepPlan, epoch_steps
 from tuneforge.data.mixing import epoch_pool, plan_shares
@@ -128,12 +126,9 @@ def test_a_killed_mixed_run_resumes_the_same_sample_stream(tmp_path, tiny_model_
     reference = train(load_config(overrides=mixed(tiny_model_dir, files, tmp_path / "ref", *short)),
                       show_progress=False)
     args = mixed(tiny_model_dir, files, tmp_path / "run", *short, "train.save_every=3")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    killed = subprocess.run([sys.executable, "-m", "tests.unit.fault_driver", "microbatch", "8", *args], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    killed = fault_driver.run("microbatch", 8, args)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = subprocess.run([sys.executable, "-m", "tests.unit.fault_driver", "slow", "0", *args,
-                              "train.resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = fault_driver.run("slow", 0, [*args, "train.resume=auto"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ref = load_file(tmp_path / "ref" / "adapter_model.safetensors")
     got = load_file(tmp_path / "run" / "adapter_model.safetensors")

@@ -6,7 +6,6 @@ The reference for every "continues as if nothing happened" check is an uninterru
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, write_jsonl
+from tests.unit import fault_driver
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError, OutputWriteError, TrainingStopped, UserError
 from tuneforge.train import checkpoint as ckpt
@@ -53,10 +53,8 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter_model.safetensors")
 
 
-def run_driver(mode: str, n: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "tests.unit.fault_driver", mode, str(n), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+def run_driver(mode: str, n: int, args: list[str]) -> fault_driver.Driven:
+    return fault_driver.run(mode, n, args)
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +137,14 @@ def test_kill_9_during_checkpoint_writes(tiny_model_dir, data_file, tmp_path, re
 def test_sigterm_checkpoints_and_exits_75_then_resume_matches(tiny_model_dir, data_file, tmp_path, reference):
     out = tmp_path / "run"
     args = overrides(tiny_model_dir, data_file, out, "train.save_every=0")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.unit.fault_driver", "slow", "150", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = fault_driver.start("slow", 150, args)
     target = random.Random(4).randint(2, 12)
     deadline = time.time() + 300
     while time.time() < deadline and len(step_records(out) if (out / "metrics.jsonl").exists() else {}) < target:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    err = proc.stderr
     assert proc.returncode == 75, err
     assert "stopped by signal" in err
     stopped = read_status(out)
@@ -160,9 +158,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resume_matches(tiny_model_dir, da
 
 def test_second_signal_exits_at_once(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.unit.fault_driver", "slow", "3000",
-                             *overrides(tiny_model_dir, data_file, out)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = fault_driver.start("slow", 3000, overrides(tiny_model_dir, data_file, out))
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.05)
@@ -170,7 +166,8 @@ def test_second_signal_exits_at_once(tiny_model_dir, data_file, tmp_path):
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    err = proc.stderr
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "exiting now" in err
 
