@@ -134,8 +134,10 @@ def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         second = study / "trials" / "0001"
         trial_pid = _pause_after_first_checkpoint(second, process, tmp_path / "tune.log")
-        os.kill(process.pid, signal.SIGKILL)  # the study dies while its trial is mid-run (the kernel SIGTERMs it)
+        server = _parent_of(trial_pid)  # the study's trial server (tuneforge.tune.trial_process)
+        os.kill(process.pid, signal.SIGKILL)  # the study dies while its trial is mid-run
         process.wait()
+        _wait_until_exited(server)  # the server exits with the study, and the kernel SIGTERMs the trial then
         os.kill(trial_pid, signal.SIGCONT)
     first_metrics = (study / "trials" / "0000" / "metrics.jsonl").read_bytes()
     range_metrics = (study / "lr-range" / "metrics.jsonl").read_bytes()
@@ -161,10 +163,29 @@ def test_kill_9_in_the_middle_of_a_study_then_resume(tiny_model_dir, tmp_path):
     assert (study / "trials" / "0000" / "metrics.jsonl").read_bytes() == first_metrics  # not rerun
     events = [r.get("event") for r in map(json.loads, (second / "metrics.jsonl").read_text().splitlines())]
     assert "resume" in events  # continued from its checkpoint, not started over
+    # Trials fork from a server started with the allocator `tuneforge train` re-executes itself with (make test-tools
+    # installs tcmalloc): a trial has the heap a run of its own would have.
+    assert "allocator: tcmalloc" in (study / "trials" / "0000.log").read_text()
     assert json.loads((second / "status.json").read_text())["state"] == "finished"
     report = (study / "report.md").read_text()
     assert "interrupted: resumed as a new trial" in report
     assert (study / "best.yaml").is_file()
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _wait_until_exited(pid: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return  # exited, not yet reaped
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not exit after the study was killed")
 
 
 def _pause_after_first_checkpoint(run: Path, study: subprocess.Popen, log: Path, timeout: float = 240) -> int:

@@ -1,20 +1,20 @@
 """One trial: its run file, its `tuneforge train` process, its evaluations as they are written, and its end.
 
-The trial runs in its own process, so a crash, a NaN or an out-of-memory fails that trial, not the study. Its
+The trial runs in its own process (forked from a server that imported the training stack once: trial_process.py),
+so a crash, a NaN or an out-of-memory fails that trial, not the study. Its
 evaluations are read from the run's metrics.jsonl while it trains and handed to the pruner; a trial the pruner gives
 up on, or the one running when the budget ends, gets SIGTERM, which the training loop answers with a checkpoint and
-exit code 75. The trial process also gets SIGTERM when the study's own process dies (Linux's parent-death signal),
-so `kill -9` of the study leaves every trial checkpointed, to be resumed by `tune --resume`.
+exit code 75. The trial process also gets SIGTERM when the study's own process dies (the server exits with the
+study, and Linux's parent-death signal reaches the trial), so `kill -9` of the study leaves every trial
+checkpointed, to be resumed by `tune --resume`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge import run_dir as layout
+from tuneforge.tune.trial_process import start_trial
 from tuneforge.config import set_dotted
 
 POLL_S = 0.5
@@ -68,16 +69,6 @@ def run_config(base: dict, values: dict[str, object], run_dir: Path) -> dict:
     return config
 
 
-def _stop_with_parent() -> None:
-    """In the trial process before exec: SIGTERM it when the study's process dies, however it dies."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: a killed study may leave its trial running to the end
-
-
 def run_trial(config: dict, run_dir: Path, metric: str, deadline: float, report, should_prune,
               on_poll=lambda: None) -> TrialOutcome:
     """Train `config` in its own process until it ends, the pruner stops it (`report(value, step)` then
@@ -87,27 +78,24 @@ def run_trial(config: dict, run_dir: Path, metric: str, deadline: float, report,
     run_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     key, maximise = metric_key(metric), metric != "val_loss"
     started = time.monotonic()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with (run_dir.parent / f"{run_dir.name}.log").open("a", encoding="utf-8") as log:
-        process = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(run_file), "--quiet"],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_with_parent)
-        evaluations: list[tuple[int, float]] = []
-        stopped = ""
-        while process.poll() is None:
-            time.sleep(POLL_S)
-            on_poll()
-            for step, value in new_evaluations(run_dir, key, evaluations):
-                evaluations.append((step, value))
-                report(value, step)
-                if not stopped and should_prune():
-                    stopped = f"pruned at step {step} ({metric} {value:.4f})"
-                    _stop(process)
-            if not stopped and time.monotonic() > deadline:
-                stopped = "pruned: the budget ended"
-                _stop(process)
-        for step, value in new_evaluations(run_dir, key, evaluations):  # the last ones, written before exit
+    process = start_trial(run_file, run_dir.parent / f"{run_dir.name}.log")
+    evaluations: list[tuple[int, float]] = []
+    stopped = ""
+    while process.poll() is None:
+        time.sleep(POLL_S)
+        on_poll()
+        for step, value in new_evaluations(run_dir, key, evaluations):
             evaluations.append((step, value))
             report(value, step)
+            if not stopped and should_prune():
+                stopped = f"pruned at step {step} ({metric} {value:.4f})"
+                _stop(process)
+        if not stopped and time.monotonic() > deadline:
+            stopped = "pruned: the budget ended"
+            _stop(process)
+    for step, value in new_evaluations(run_dir, key, evaluations):  # the last ones, written before exit
+        evaluations.append((step, value))
+        report(value, step)
     seconds = time.monotonic() - started
     best = _best([v for _, v in evaluations], maximise)
     loss = val_loss_at(run_dir, next(step for step, v in evaluations if v == best)) if best is not None else None
@@ -145,7 +133,7 @@ def _best(values: list[float], maximise: bool) -> float | None:
     return (max(values) if maximise else min(values)) if values else None
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process) -> None:
     """SIGTERM: the loop finishes its step, writes a checkpoint and exits 75. SIGKILL only if it hangs."""
     process.send_signal(signal.SIGTERM)
     try:
