@@ -13,9 +13,11 @@ usage: python -m tests.unit.fault_driver MODE N [--config RUN.yaml] [key=value .
 
 from __future__ import annotations
 
+import atexit
 import functools
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -100,12 +102,19 @@ def _server():
     return context
 
 
+@functools.cache
+def _log_dir() -> str:
+    path = tempfile.mkdtemp(prefix="fault-driver-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 class Driven:
     """A driver process: `pid`, `send_signal`, `wait` (-> exit code, -9 when killed), `returncode`, `stderr` (its
     stdout and stderr together)."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None):
-        handle, name = tempfile.mkstemp(prefix="fault-driver-", suffix=".log")
+        handle, name = tempfile.mkstemp(suffix=".log", dir=_log_dir())
         os.close(handle)
         self.log = Path(name)
         self._process = _server().Process(target=_child, args=(argv, str(self.log), env or {}))
