@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from tuneforge.cli import quiet_libraries
 from tuneforge.config import load_config
 from tuneforge.errors import UserError
 from tuneforge.train import checkpoint, forward, loop, preference
+from tuneforge.tune.trial_process import ForkedProcess, redirect_output
 
 
 def die() -> None:
@@ -109,32 +111,23 @@ def _log_dir() -> str:
     return path
 
 
-class Driven:
-    """A driver process: `pid`, `send_signal`, `wait` (-> exit code, -9 when killed), `returncode`, `stderr` (its
-    stdout and stderr together)."""
+class Driven(ForkedProcess):
+    """A driver process (tuneforge.tune.trial_process.ForkedProcess: pid, send_signal, wait -> exit code, -9 when
+    killed, returncode) and `stderr`, its stdout and stderr together."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None):
         handle, name = tempfile.mkstemp(suffix=".log", dir=_log_dir())
         os.close(handle)
         self.log = Path(name)
-        self._process = _server().Process(target=_child, args=(argv, str(self.log), env or {}))
-        self._process.start()
-        self.pid = self._process.pid
-
-    def send_signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
+        super().__init__(_server(), _child, (argv, str(self.log), env or {}))
 
     def wait(self, timeout: float | None = None) -> int:
-        self._process.join(timeout)
-        if self._process.exitcode is None:
-            self._process.kill()
-            self._process.join()
-            raise TimeoutError(f"fault driver {self.pid} still running after {timeout} s")
-        return self._process.exitcode
-
-    @property
-    def returncode(self) -> int | None:
-        return self._process.exitcode
+        try:
+            return super().wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            super().wait()
+            raise
 
     @property
     def stderr(self) -> str:
@@ -154,10 +147,7 @@ def run(mode: str, n: int, args: list[str], env: dict[str, str] | None = None, t
 def _child(argv: list[str], log: str, env: dict[str, str]) -> None:
     os.chdir(ROOT)
     os.environ.update(env)
-    output = os.open(log, os.O_WRONLY | os.O_TRUNC)
-    os.dup2(output, 1)
-    os.dup2(output, 2)
-    sys.stdout.reconfigure(line_buffering=True)
+    redirect_output(log, append=False)
     raise SystemExit(main(argv))
 
 

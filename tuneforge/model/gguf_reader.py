@@ -22,7 +22,7 @@ import numpy as np
 from gguf.constants import GGUFValueType
 
 ARRAY, STRING = GGUFValueType.ARRAY, GGUFValueType.STRING  # enum attribute lookups are slow in a loop
-_ITEMSIZE: dict = {}
+_DTYPES: dict = {}  # what _get is asked for -> its np.dtype
 _U64 = np.dtype(np.uint64)
 _U32 = np.dtype(np.uint32)
 
@@ -41,7 +41,7 @@ class GGUFReader(gguf_reader.GGUFReader):  # the module's class: gguf_parsed_onc
     def _get(self, offset, dtype, count=1, override_order=None):
         if self.byte_order != "I" or override_order is not None:
             return super()._get(offset, dtype, count, override_order)
-        dtype = _ITEMSIZE.get(dtype) or _ITEMSIZE.setdefault(dtype, np.dtype(dtype))
+        dtype = _DTYPES.get(dtype) or _DTYPES.setdefault(dtype, np.dtype(dtype))
         count = int(count)
         return self._map[offset:offset + dtype.itemsize * count].view(dtype)[:count]
 
@@ -53,14 +53,15 @@ class GGUFReader(gguf_reader.GGUFReader):  # the module's class: gguf_parsed_onc
         count, offs = int(length[0]), orig_offs + 12
         # The parts gguf-py makes: [item type, length, then each item's parts]; data indexes each item's value.
         parts: list[np.ndarray] = [item_type, length]
-        scalar = self.gguf_scalar_to_np.get(GGUFValueType(int(item_type[0])))
+        item = GGUFValueType(int(item_type[0]))
+        scalar = self.gguf_scalar_to_np.get(item)
         if scalar is not None:  # one one-element view per item, as gguf-py's recursion makes them
             size = np.dtype(scalar).itemsize
             block = self._get(offs, scalar, count)
             parts += (block[i:i + 1] for i in range(count))
             offs += size * count
             indexes = list(range(2, len(parts)))
-        elif item_type[0] == STRING:  # each string's length and bytes
+        elif item == STRING:  # each string's length and bytes
             data, raw = self._map, memoryview(self._map)
             unpack = struct.Struct("=Q").unpack_from  # byte order "I": the file's is the host's
             for _ in range(count):
@@ -71,7 +72,6 @@ class GGUFReader(gguf_reader.GGUFReader):  # the module's class: gguf_parsed_onc
             indexes = list(range(3, len(parts), 2))
         else:  # arrays of arrays: gguf-py's recursion
             return super()._get_field_parts(orig_offs, raw_type)
-        item = GGUFValueType(int(item_type[0]))
         return offs - orig_offs, parts, indexes, [ARRAY] + ([item] if count else [])  # as gguf-py types them
 
 

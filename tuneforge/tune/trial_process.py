@@ -27,11 +27,12 @@ from tuneforge.allocator import train_environment
 PRELOAD = ["tuneforge.cli", "tuneforge.train.loop", "peft", "safetensors.torch"]
 
 
-class TrialProcess:
-    """The part of subprocess.Popen the study uses (poll, send_signal, wait, kill, returncode), for a forked trial."""
+class ForkedProcess:
+    """A multiprocessing process with the part of subprocess.Popen the study uses (pid, poll, returncode,
+    send_signal, kill, wait): exit codes as Popen gives them, -N when killed by signal N."""
 
-    def __init__(self, run_file: Path, log: Path):
-        self._process = _server().Process(target=_trial, args=(str(run_file), str(log)))
+    def __init__(self, context, target, args: tuple):
+        self._process = context.Process(target=target, args=args)
         self._process.start()
         self.pid = self._process.pid
 
@@ -51,15 +52,24 @@ class TrialProcess:
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
         if self._process.exitcode is None:
-            raise subprocess.TimeoutExpired(f"trial {self.pid}", timeout)
+            raise subprocess.TimeoutExpired(f"process {self.pid}", timeout)
         return self._process.exitcode
+
+
+def redirect_output(log: str, append: bool) -> None:
+    """In a forked child: `log` as its stdout and stderr, stdout line-buffered as a terminal's would be."""
+    output = os.open(log, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(output)
+    sys.stdout.reconfigure(line_buffering=True)
 
 
 def start_trial(run_file: Path, log: Path):
     """The trial's process, training `run_file` with its output appended to `log`."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         try:
-            return TrialProcess(run_file.resolve(), log.resolve())
+            return ForkedProcess(_server(), _trial, (str(run_file.resolve()), str(log.resolve())))
         except RuntimeError:  # multiprocessing refuses a main script that starts processes outside its
             pass              # `if __name__ == "__main__":` (tuneforge.tune called from a user's script)
     with log.open("a", encoding="utf-8") as out:  # (the child keeps its own copy of the descriptor)
@@ -112,11 +122,7 @@ def _trial(run_file: str, log: str) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: a killed study may leave its trial running to the end
-    output = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(output, 1)
-    os.dup2(output, 2)
-    os.close(output)
-    sys.stdout.reconfigure(line_buffering=True)
+    redirect_output(log, append=True)
     from tuneforge.cli import main
 
     raise SystemExit(main(["train", run_file, "--quiet"]))
